@@ -1,0 +1,36 @@
+# arbq — binary post-training quantization of LLMs.
+# `make demo` and `make test` are the two commands a new user needs; both install what is missing.
+PYTHON ?= python3
+export ARBQ_CACHE ?= $(HOME)/.cache/arbq
+STAMP := .make
+
+.PHONY: install fixtures lint test test-fast demo bench clean
+
+$(STAMP)/install: pyproject.toml
+	@mkdir -p $(STAMP)
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)/install
+
+fixtures: install
+	$(PYTHON) -m arbq.fixtures
+
+lint: install
+	$(PYTHON) -m ruff check arbq tests bench
+
+test: install fixtures lint
+	$(PYTHON) -m pytest -q -ra tests
+
+test-fast: install lint
+	$(PYTHON) -m pytest -q -ra -m "not fixture" tests
+
+demo: install fixtures
+	bash scripts/demo.sh
+
+bench: install fixtures
+	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(STAMP) runs bench/out

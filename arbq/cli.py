@@ -1,0 +1,133 @@
+"""`arbq` command line: parse flags, call a stage, print. No algorithm or file logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from arbq.errors import ArbqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Binary (1-bit) post-training quantization of LLMs: calibrate → binarize → pack → eval.")
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Local HF dir, hub id, or .gguf file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
+    data: str = typer.Option("wikitext2", help="wikitext2 | c4 | ptb | PATH.txt | PATH.jsonl (PATH@A:B slices)."),
+    nsamples: int = typer.Option(128, min=1, help="Number of calibration windows."),
+    seqlen: int = typer.Option(2048, min=2, help="Tokens per window."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    stats: bool = typer.Option(True, help="Also write per-layer full-precision Hessians."),
+    resume: bool = typer.Option(False, help="Continue at the first missing layer."),
+) -> None:
+    """Sample calibration windows and write per-layer Hessian statistics."""
+    from arbq.stages.calibrate import run_calibrate
+
+    run_calibrate(model, out, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                  stats=stats, resume=resume)
+
+
+@app.command()
+def binarize(
+    model: str = typer.Argument(..., help="Local HF dir, hub id, or .gguf file."),
+    out: Path = typer.Option(..., "-o", "--out", help="Run directory."),
+    method: str = typer.Option(None, help="sign | billm | arb | x | rc (default from the recipe: rc)."),
+    cgb: bool = typer.Option(None, "--cgb/--no-cgb", help="Column-group bitmap for salient columns."),
+    recipe: str = typer.Option(None, help="Recipe YAML path or name under recipes/ (flags override it)."),
+    calib: Path = typer.Option(None, help="Directory written by `arbq calibrate` (else run it into RUN/calib)."),
+    data: str = typer.Option("wikitext2", help="Calibration data when --calib is not given."),
+    nsamples: int = typer.Option(128, min=1, help="Calibration windows when --calib is not given."),
+    seqlen: int = typer.Option(2048, min=2, help="Calibration window length when --calib is not given."),
+    seed: int = typer.Option(0, help="Calibration sampling seed."),
+    iters: int = typer.Option(None, help="ARB refinement iterations."),
+    x_iters: int = typer.Option(None, help="ARB-X calibration-aware iterations."),
+    search_iters: int = typer.Option(None, help="Refinement iterations inside the mask search."),
+    blocksize: int = typer.Option(None, help="Columns per block."),
+    percdamp: float = typer.Option(None, help="Hessian damping fraction."),
+    salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
+    sequential: bool = typer.Option(None, "--sequential/--no-sequential",
+                                    help="Inputs through already-binarized layers (default) or stored FP stats."),
+    true_sequential: bool = typer.Option(None, "--true-sequential/--no-true-sequential",
+                                         help="Per-group Hessians inside a layer."),
+    layers: str = typer.Option(None, help="Only layers A:B (a shard of the job)."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    resume: bool = typer.Option(False, help="Continue at the first layer without a complete file."),
+) -> None:
+    """Binarize every decoder layer's linears; writes per-layer results, report.jsonl and model-fake/."""
+    from arbq.methods.config import load_recipe
+    from arbq.stages.binarize import run_binarize
+
+    cfg = load_recipe(recipe).replace(
+        method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, blocksize=blocksize,
+        percdamp=percdamp, salient=salient, sequential=sequential, true_sequential=true_sequential)
+    run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                 layers=layers, device=device, resume=resume)
+
+
+@app.command()
+def pack(
+    runs: list[Path] = typer.Argument(..., help="One or more run directories written by `arbq binarize`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Packed model directory."),
+    dtype: str = typer.Option("fp16", help="Dtype of unbinarized weights: fp16 | bf16 | fp32."),
+    scale_dtype: str = typer.Option("fp16", help="Dtype of scales and means: fp16 | bf16 | fp8."),
+    json_out: Path = typer.Option(None, "--json", help="Write the size report as JSON."),
+) -> None:
+    """Write real 1-bit safetensors plus a config that says how to read them."""
+    from arbq.stages.pack import run_pack
+
+    run_pack(runs, out, dtype=dtype, scale_dtype=scale_dtype, json_out=json_out)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="HF dir, hub id, .gguf, RUN/model-fake or a packed dir."),
+    ppl: str = typer.Option("wikitext2", help="Comma list of texts: wikitext2,c4,ptb,PATH.txt (PATH@A:B)."),
+    tasks: str = typer.Option(None, help="Comma list of lm-eval tasks or task YAML files."),
+    include_path: Path = typer.Option(None, help="Extra lm-eval task directory."),
+    seqlen: int = typer.Option(2048, min=2, help="Perplexity window length."),
+    max_windows: int = typer.Option(None, help="Evaluate only the first N windows of each text."),
+    limit: int = typer.Option(None, help="lm-eval: examples per task."),
+    batch_size: int = typer.Option(1, help="lm-eval batch size."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    json_out: Path = typer.Option(None, "--json", help="Write results as JSON."),
+) -> None:
+    """Perplexity (GPTQ protocol: non-overlapping windows) and zero-shot tasks via lm-eval."""
+    from arbq.stages.evaluate import run_eval
+
+    run_eval(model, ppl=_csv(ppl), tasks=_csv(tasks), include_path=include_path, seqlen=seqlen,
+             max_windows=max_windows, limit=limit, batch_size=batch_size, device=device, json_out=json_out)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="A packed dir, HF dir or RUN/model-fake."),
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    max_new_tokens: int = typer.Option(32, min=1),
+) -> None:
+    """Greedy generation, e.g. to try a packed model."""
+    from arbq.stages.generate import run_generate
+
+    typer.echo(run_generate(model, prompt, max_new_tokens=max_new_tokens))
+
+
+def main() -> None:
+    try:
+        app()
+    except ArbqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (rerun with --resume to continue)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

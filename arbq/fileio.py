@@ -1,0 +1,112 @@
+"""Atomic file writes, hashing and JSON manifests.
+
+Every file arbq writes goes to `<name>.tmp-<pid>` first and is renamed into place, so an
+interrupted run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from arbq.errors import ArbqError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ArbqError(f"no space left on device while writing {path}") from None
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArbqError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArbqError(f"corrupt JSON in {path}: {e}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically (no pickle anywhere)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file raises ArbqError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArbqError(f"missing file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArbqError(f"corrupt or truncated safetensors file {path}: {e}") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: str | os.PathLike, names: list[str]) -> dict[str, str]:
+    root = Path(root)
+    return {n: sha256_file(root / n) for n in sorted(names)}
+
+
+def verify_hashes(root: str | os.PathLike, hashes: dict[str, str]) -> None:
+    """Raise ArbqError naming the first file whose sha256 differs from the manifest."""
+    root = Path(root)
+    for name, want in hashes.items():
+        p = root / name
+        if not p.is_file():
+            raise ArbqError(f"missing file listed in manifest: {p}")
+        if sha256_file(p) != want:
+            raise ArbqError(f"sha256 mismatch for {p}: the file is corrupt or was modified")
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    import arbq
+
+    return {"arbq": arbq.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "safetensors": safetensors.__version__}

@@ -1,0 +1,1 @@
+"""Binarization algorithms: pure tensor math, no file or CLI access."""

@@ -1,0 +1,96 @@
+"""The unpacked result of binarizing one linear layer, and how to dequantize it.
+
+Every method (sign, billm, arb, x, rc, with or without CGB) produces the same structure, so that
+`pack`, the fake-quant model and the reports need no per-method code.
+
+A weight W[i, j] (i < N rows = out_features, j < K columns = in_features) lies in column block
+t = j // B (B = blocksize). Column j has a *kind* k_j = salient[j] (1 = salient, 0 = not) and the
+weight a *group bit* g_ij = group[i, j]. With s¹, s² = 2·sign1 − 1, 2·sign2 − 1 ∈ {−1, +1}:
+
+    Ŵ[i, j] = mu[i, t, k, g] + alpha[i, t, k, g, 0] · col_scale[g, 0, j] · s¹[i, j]
+                             + k_j · alpha[i, t, k, g, 1] · col_scale[g, 1, j] · s²[i, j]
+
+Non-RC methods have col_scale ≡ 1; RC methods have mu ≡ 0. Second signs exist only in salient
+columns (order-2 residual binarization); elsewhere sign2 is False and unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from arbq.errors import ArbqError
+
+
+@dataclass
+class LinearResult:
+    """Binarization of one linear W: [N, K] with column blocks of `blocksize`.
+
+    sign1:     [N, K] bool   first sign bit (True = +1)
+    sign2:     [N, K] bool   second sign bit, meaningful in salient columns only
+    group:     [N, K] bool   group bit inside the weight's column kind
+    salient:   [K]    bool   salient-column bitmap
+    alpha:     [N, T, 2, 2, 2] float32  per row, block, kind, group, order
+    mu:        [N, T, 2, 2]    float32  per row, block, kind, group
+    col_scale: [2, 2, K]       float32  per group, order, column (RC); ones otherwise
+    """
+
+    sign1: torch.Tensor
+    sign2: torch.Tensor
+    group: torch.Tensor
+    salient: torch.Tensor
+    alpha: torch.Tensor
+    mu: torch.Tensor
+    col_scale: torch.Tensor
+    blocksize: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.sign1.shape)
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "blocksize"}
+        out[f"{prefix}.blocksize"] = torch.tensor([self.blocksize], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LinearResult:
+        try:
+            kw = {f.name: tensors[f"{prefix}.{f.name}"] for f in fields(cls) if f.name != "blocksize"}
+            kw["blocksize"] = int(tensors[f"{prefix}.blocksize"].item())
+        except KeyError as e:
+            raise ArbqError(f"binarization result for {prefix} is missing tensor {e}") from None
+        res = cls(**kw)
+        res.validate(prefix)
+        return res
+
+    def validate(self, name: str = "linear") -> None:
+        """Raise ArbqError if the tensors' shapes disagree with each other."""
+        n, k = self.sign1.shape
+        t = -(-k // self.blocksize)
+        want = {"sign2": (n, k), "group": (n, k), "salient": (k,), "alpha": (n, t, 2, 2, 2),
+                "mu": (n, t, 2, 2), "col_scale": (2, 2, k)}
+        for key, shape in want.items():
+            got = tuple(getattr(self, key).shape)
+            if got != shape:
+                raise ArbqError(f"{name}: {key} has shape {got}, expected {shape} for a {n}x{k} weight")
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ: [N, K] float32 from the equation in the module docstring."""
+        n, k = self.sign1.shape
+        blk = torch.arange(k) // self.blocksize                         # [K]
+        kind = self.salient.long()                                      # [K]
+        g = self.group.long()                                           # [N, K]
+        base = (blk * 2 + kind) * 2                                     # [K]
+        vg = base.unsqueeze(0) + g                                      # [N, K] index of (t, k, g)
+        mu = torch.gather(self.mu.reshape(n, -1).float(), 1, vg)
+        a = self.alpha.reshape(n, -1).float()
+        a1 = torch.gather(a, 1, vg * 2)
+        a2 = torch.gather(a, 1, vg * 2 + 1)
+        cs = self.col_scale.float()
+        c1 = torch.where(g.bool(), cs[1, 0], cs[0, 0])
+        c2 = torch.where(g.bool(), cs[1, 1], cs[0, 1])
+        s1 = self.sign1.float() * 2 - 1
+        s2 = self.sign2.float() * 2 - 1
+        return mu + a1 * c1 * s1 + kind.float() * a2 * c2 * s2

@@ -1,0 +1,1 @@
+"""Model-specific knowledge: which modules are decoder layers and linears (arch.py), and loading."""

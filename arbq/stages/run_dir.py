@@ -1,0 +1,88 @@
+"""Layout of a binarization run directory (RUN), shared by `binarize` (writer) and `pack` (reader).
+
+RUN/run.json                     what was run: model ref, model_type, layers, linears, recipe, calib hash
+RUN/layers/layer_0007.safetensors  results of decoder layer 7: LinearResult tensors under
+                                 "<linear>.<field>" (e.g. "self_attn.q_proj.sign1"); metadata
+                                 {"layer": "7", "report": JSON list of per-linear report rows}
+RUN/report.jsonl                 one row per binarized linear (rebuilt from the layer files)
+RUN/model-fake/                  HF dir whose linears hold the dequantized binarized weights
+RUN/calib/                       calibration written by `binarize` when no --calib was given
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from arbq.errors import ArbqError
+from arbq.fileio import load_tensors, read_json, save_tensors, write_text
+from arbq.methods.result import LinearResult
+
+RUN_FORMAT = "arbq-run/1"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / "layers"
+
+    def layer_path(self, i: int) -> Path:
+        return self.layers_dir / f"layer_{i:04d}.safetensors"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.jsonl"
+
+    @property
+    def fake_dir(self) -> Path:
+        return self.root / "model-fake"
+
+    def info(self) -> dict[str, Any]:
+        info = read_json(self.run_json)
+        if info.get("format") != RUN_FORMAT:
+            raise ArbqError(f"{self.root}: unknown run format {info.get('format')!r} (expected {RUN_FORMAT})")
+        return info
+
+    def layer_complete(self, i: int) -> bool:
+        """A layer file counts only if it opens and its header names the layer (writes are atomic)."""
+        p = self.layer_path(i)
+        if not p.is_file():
+            return False
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return (f.metadata() or {}).get("layer") == str(i)
+        except (SafetensorError, OSError):
+            return False
+
+    def present_layers(self, num_layers: int) -> list[int]:
+        return [i for i in range(num_layers) if self.layer_complete(i)]
+
+    def write_layer(self, i: int, results: dict[str, LinearResult], report: list[dict]) -> None:
+        tensors = {}
+        for name, res in results.items():
+            tensors.update(res.to_tensors(name))
+        save_tensors(self.layer_path(i), tensors, metadata={"layer": str(i), "report": json.dumps(report)})
+
+    def read_layer(self, i: int, linears: list[str]) -> dict[str, LinearResult]:
+        tensors = load_tensors(self.layer_path(i))
+        return {name: LinearResult.from_tensors(tensors, name) for name in linears}
+
+    def layer_report(self, i: int) -> list[dict]:
+        with safe_open(str(self.layer_path(i)), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("report", "[]"))
+
+    def rebuild_report(self, num_layers: int) -> list[dict]:
+        rows = [row for i in self.present_layers(num_layers) for row in self.layer_report(i)]
+        write_text(self.report, "".join(json.dumps(r) + "\n" for r in rows))
+        return rows

@@ -1,0 +1,60 @@
+"""Shared test fixtures: tiny random models built in-process, and the real cached fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from arbq import fixtures
+
+
+def tiny_config(model_type: str = "llama", **kw):
+    """A tiny config of a supported architecture (random init; seconds to build)."""
+    from transformers import AutoConfig
+
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
+    if model_type == "opt":
+        base = dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=49152,
+                    max_position_embeddings=512, word_embed_proj_dim=64)
+    base.update(kw)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def _require(path):
+    """The fixture path; skip locally when absent, fail under CI (where `make test` fetches it)."""
+    if not path.exists():
+        msg = f"fixture missing: {path} (run `make fixtures`)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    return _require(fixtures.model_dir() / "config.json").parent
+
+
+@pytest.fixture(scope="session")
+def botchan():
+    return _require(fixtures.botchan_path())
+
+
+def save_tiny(path, model_type: str = "llama", seed: int = 0, **kw):
+    """Build a tiny random model of `model_type`, save it with the fixture tokenizer, return the dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **kw))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(_require(fixtures.model_dir() / "config.json").parent).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    """A saved tiny random Llama (2 layers, hidden 64) with the fixture's tokenizer."""
+    return save_tiny(tmp_path / "tiny-llama")
