@@ -22,6 +22,8 @@ class BinarizeConfig:
     iters:         ARB refinement iterations on the chosen masks (paper: 15)
     x_iters:       calibration-aware (ARB-X) iterations after `iters` (x only; paper: 15)
     search_iters:  refinement iterations used while searching masks (reference: 0)
+    search_fit:    "plain": score mask candidates with BiLLM's sign binarizers in closed form (fast,
+                   exact); "method": with the method's own binarizers (the reference's behaviour)
     blocksize:     columns per block of the GPTQ-style loop (paper: 128)
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
@@ -37,6 +39,7 @@ class BinarizeConfig:
     iters: int = 15
     x_iters: int = 15
     search_iters: int = 0
+    search_fit: str = "plain"
     blocksize: int = 128
     percdamp: float = 0.01
     salient: str = "hessian"
@@ -60,6 +63,8 @@ class BinarizeConfig:
 
         if self.method not in METHODS:
             raise ArbqError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.search_fit not in ("plain", "method"):
+            raise ArbqError(f"unknown search_fit {self.search_fit!r}; choose plain or method")
         if self.salient not in ("hessian", "magnitude"):
             raise ArbqError(f"unknown salience metric {self.salient!r}; choose hessian or magnitude")
         for key in ("iters", "x_iters", "search_iters"):

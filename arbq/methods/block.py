@@ -1,0 +1,93 @@
+"""Binarize one column block: choose its masks, fit every group, optionally ARB-X refine.
+
+Groups are indexed (kind, g): kind 1 = salient columns (order 2), kind 0 = the rest (order 1);
+g is the group bit (magnitude split). Output is in the LinearResult slot layout for one block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from arbq.methods import masks as mk
+from arbq.methods.binarizers import Fit
+from arbq.methods.config import BinarizeConfig
+from arbq.methods.registry import Method
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class BlockFit:
+    """One block's result. w_hat, sign1, sign2, group: [N, C]; salient: [C];
+    alpha: [N, 2, 2, 2] (kind, group, order); mu: [N, 2, 2]; col_scale: [2, 2, C] (group, order)."""
+
+    w_hat: Tensor
+    sign1: Tensor
+    sign2: Tensor
+    group: Tensor
+    salient: Tensor
+    alpha: Tensor
+    mu: Tensor
+    col_scale: Tensor
+
+
+def choose_masks(W: Tensor, d: Tensor | None, S: Tensor | None, method: Method, cfg: BinarizeConfig
+                 ) -> tuple[Tensor, Tensor]:
+    """(salient [C] bool, group [N, C] bool) for block W: [N, C]; d = diag of the inverse-Hessian
+    Cholesky factor on the block, S = H[block, block] (used when the method scores by output error)."""
+    N, C = W.shape
+    if not method.search:
+        return torch.zeros(C, dtype=torch.bool), torch.zeros(N, C, dtype=torch.bool)
+    if cfg.search_fit == "plain":
+        scorer = mk.PlainScorer()
+    else:
+        output = method.search_error == "output" and S is not None
+        err = mk.output_error(S) if output else mk.weight_error
+        scorer = mk.FitScorer(method.fit1, method.fit2, cfg.search_iters, err)
+    salient = mk.search_salient(W, mk.column_scores(W, d, cfg.salient), cfg.max_salient, scorer)
+    sal = salient[None, :].expand(N, C)
+    fixed = method.fit2(W, sal, cfg.search_iters).w_hat
+    group = scorer.split(W, ~salient, fixed, 1, cfg.split_points)
+    if cfg.cgb and salient.any():
+        fixed = sum(method.fit1(W, ~sal & g, cfg.search_iters).w_hat for g in (group, ~group))
+        group = group | scorer.split(W, salient, fixed, 2, cfg.split_points)
+    return salient, group
+
+
+def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,
+              cfg: BinarizeConfig) -> BlockFit:
+    """Fit every non-empty (kind, group) of the block with the method's binarizers (cfg.iters ARB
+    iterations), then cfg.x_iters ARB-X iterations when the method refines against S."""
+    N, C = W.shape
+    sal = salient[None, :].expand(N, C)
+    fits: list[tuple[int, int, Tensor, Fit]] = []
+    for kind, kmask in ((0, ~sal), (1, sal)):
+        for g, gmask in ((0, ~group), (1, group)):
+            m = kmask & gmask
+            if m.any():
+                fn = method.fit2 if kind else method.fit1
+                fits.append((kind, g, m, fn(W, m, cfg.iters)))
+    if method.x_refine and S is not None and cfg.x_iters:
+        from arbq.methods.xrefine import x_refine
+
+        refined = x_refine(W, S, [(m, f) for _, _, m, f in fits], cfg.x_iters, method.mean_form)
+        fits = [(k, g, m, f) for (k, g, m, _), f in zip(fits, refined, strict=True)]
+
+    out = BlockFit(w_hat=torch.zeros_like(W), sign1=torch.ones(N, C, dtype=torch.bool),
+                   sign2=torch.zeros(N, C, dtype=torch.bool), group=group.clone(), salient=salient.clone(),
+                   alpha=torch.zeros(N, 2, 2, 2), mu=torch.zeros(N, 2, 2), col_scale=torch.ones(2, 2, C))
+    for kind, g, m, f in fits:
+        out.w_hat += f.w_hat
+        out.sign1 = torch.where(m, f.signs[0] > 0, out.sign1)
+        if kind:
+            out.sign2 = torch.where(m, f.signs[1] > 0, out.sign2)
+        order = f.signs.shape[0]
+        out.alpha[:, kind, g, :order] = f.alpha.T
+        out.mu[:, kind, g] = f.mu
+        cols = m.any(0)
+        out.col_scale[g, :order] = torch.where(cols[None, :], f.col, out.col_scale[g, :order])
+    if not method.mean_form:
+        out.mu.zero_()
+    return out
