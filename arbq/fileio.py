@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from arbq.errors import ArbqError
@@ -59,12 +59,24 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArbqError(f"corrupt JSON in {path}: {e}") from None
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically (no pickle anywhere)."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically (no pickle anywhere).
+
+    `info` is stored as one sorted-JSON metadata entry "arbq" (safetensors does not keep the order
+    of several metadata keys, and a file's bytes must not depend on it)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"arbq": json.dumps(info, sort_keys=True)} if info is not None else None
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_info(path: str | os.PathLike) -> dict | None:
+    """The "arbq" metadata of a safetensors file, or None if the file is missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("arbq", "null"))
+    except (SafetensorError, OSError, json.JSONDecodeError):
+        return None
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

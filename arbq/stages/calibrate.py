@@ -3,7 +3,7 @@
 DIR/samples.safetensors      {"input_ids": [n, seqlen] int64}
 DIR/stats/layer_0007.safetensors  {"<first linear of a shared-input group>": H [K, K] float32},
                              H = (2/n) Σ xᵀx over the n calibration tokens, from a full-precision
-                             forward through layers 0..i-1; metadata {"layer": "7", "groups": JSON}
+                             forward through layers 0..i-1; metadata "arbq" = {"layer": 7, "groups": [...]}
 DIR/manifest.json            model, data, seed, sizes, library versions, sha256 of every file;
                              "complete": false until every layer is written.
 Resumable: `--resume` keeps complete layer files and recomputes inputs up to the first missing one.
@@ -11,19 +11,16 @@ Resumable: `--resume` keeps complete layer files and recomputes inputs up to the
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from safetensors import SafetensorError, safe_open
 
 from arbq import data as textdata
 from arbq.errors import ArbqError
-from arbq.fileio import file_hashes, library_versions, load_tensors, read_json, save_tensors, write_json
+from arbq.fileio import file_hashes, library_versions, load_tensors, read_info, read_json, save_tensors, write_json
 from arbq.models import arch as archmod
 from arbq.models import layerwise
 from arbq.models.loading import ModelRef, load_model, load_tokenizer, max_context, resolve
@@ -36,12 +33,7 @@ def stats_path(out: Path, i: int) -> Path:
 
 
 def stats_complete(out: Path, i: int) -> bool:
-    p = stats_path(out, i)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            return (f.metadata() or {}).get("layer") == str(i)
-    except (SafetensorError, OSError, FileNotFoundError):
-        return False
+    return (read_info(stats_path(out, i)) or {}).get("layer") == i
 
 
 def load_samples(calib: Path) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -118,15 +110,11 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
             if i < todo[0]:
                 x = layerwise.forward_layer(layer, x, kwargs, device, f"layer {i}")
             else:
-                t0 = time.perf_counter()
                 lin = archmod.layer_linears(layer, spec)
                 reps = {g[0]: lin[g[0]] for g in spec.groups}
                 hess, x = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, name=f"layer {i}")
                 if not stats_complete(out, i):
-                    meta = {"layer": str(i), "groups": json.dumps(spec.groups),
-                            "seconds": f"{time.perf_counter() - t0:.3f}"}
-                    save_tensors(stats_path(out, i), hess, metadata={k: v for k, v in meta.items()
-                                                                     if k != "seconds"})
+                    save_tensors(stats_path(out, i), hess, info={"layer": i, "groups": spec.groups})
             layer.to("cpu")
             prog.advance(task)
     return len(layers)

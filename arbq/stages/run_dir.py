@@ -3,7 +3,7 @@
 RUN/run.json                     what was run: model ref, model_type, layers, linears, recipe, calib hash
 RUN/layers/layer_0007.safetensors  results of decoder layer 7: LinearResult tensors under
                                  "<linear>.<field>" (e.g. "self_attn.q_proj.sign1"); metadata
-                                 {"layer": "7", "report": JSON list of per-linear report rows}
+                                 "arbq" = JSON {"layer": 7, "report": [per-linear report rows]}
 RUN/report.jsonl                 one row per binarized linear (rebuilt from the layer files)
 RUN/model-fake/                  HF dir whose linears hold the dequantized binarized weights
 RUN/calib/                       calibration written by `binarize` when no --calib was given
@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
 from arbq.errors import ArbqError
-from arbq.fileio import load_tensors, read_json, save_tensors, write_text
+from arbq.fileio import load_tensors, read_info, read_json, save_tensors, write_text
 from arbq.methods.result import LinearResult
 
 RUN_FORMAT = "arbq-run/1"
@@ -56,14 +54,7 @@ class RunDir:
 
     def layer_complete(self, i: int) -> bool:
         """A layer file counts only if it opens and its header names the layer (writes are atomic)."""
-        p = self.layer_path(i)
-        if not p.is_file():
-            return False
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                return (f.metadata() or {}).get("layer") == str(i)
-        except (SafetensorError, OSError):
-            return False
+        return (read_info(self.layer_path(i)) or {}).get("layer") == i
 
     def present_layers(self, num_layers: int) -> list[int]:
         return [i for i in range(num_layers) if self.layer_complete(i)]
@@ -72,15 +63,14 @@ class RunDir:
         tensors = {}
         for name, res in results.items():
             tensors.update(res.to_tensors(name))
-        save_tensors(self.layer_path(i), tensors, metadata={"layer": str(i), "report": json.dumps(report)})
+        save_tensors(self.layer_path(i), tensors, info={"layer": i, "report": report})
 
     def read_layer(self, i: int, linears: list[str]) -> dict[str, LinearResult]:
         tensors = load_tensors(self.layer_path(i))
         return {name: LinearResult.from_tensors(tensors, name) for name in linears}
 
     def layer_report(self, i: int) -> list[dict]:
-        with safe_open(str(self.layer_path(i)), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("report", "[]"))
+        return (read_info(self.layer_path(i)) or {}).get("report", [])
 
     def rebuild_report(self, num_layers: int) -> list[dict]:
         rows = [row for i in self.present_layers(num_layers) for row in self.layer_report(i)]
