@@ -111,3 +111,14 @@ def test_empty_group_is_zero():
     for fit in (bz.arb_order1, bz.arb_order2, bz.rc_order1, bz.rc_order2):
         f = fit(w, m, 3)
         assert torch.isfinite(f.w_hat).all() and float(f.w_hat.abs().max()) == 0.0
+
+
+def test_nearest_levels_is_the_best_of_four():
+    g = torch.Generator().manual_seed(7)
+    r = torch.randn(500, generator=g, dtype=torch.float64)
+    a1 = torch.randn(500, generator=g, dtype=torch.float64)
+    a2 = torch.randn(500, generator=g, dtype=torch.float64)
+    b1, b2 = bz._nearest_levels(r, a1, a2)
+    got = (r - a1 * b1 - a2 * b2).abs()
+    best = torch.stack([(r - s1 * a1 - s2 * a2).abs() for s1 in (1, -1) for s2 in (1, -1)]).min(0).values
+    torch.testing.assert_close(got, best)

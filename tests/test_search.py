@@ -68,3 +68,14 @@ def test_block_groups_partition_and_salient_bits(method, cgb):
     else:
         assert not salient.any() and not group.any()
     assert torch.isfinite(fit.w_hat).all()
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_prefix_set_errors_equal_masked_errors(order):
+    """The 2-D prefix-table scorer of nested column sets equals the direct masked computation."""
+    w = heavy(37, 40, seed=4)
+    rank = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    ks = torch.arange(1, 30)
+    m = (rank[None, :] < ks[:, None])[:, None, :].double().expand(-1, 37, 40)
+    slow = fs.masked_errors(w, m, order) + fs.masked_errors(w, 1 - m, order)
+    torch.testing.assert_close(fs.prefix_set_errors(w, rank, ks, order, rows_per_chunk=16), slow)

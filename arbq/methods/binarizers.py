@@ -68,19 +68,15 @@ def order2(w: Tensor, m: Tensor) -> Fit:
 
 
 def _nearest_levels(r: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
-    """Signs (b₁, b₂) ∈ {±1}² minimising (r − a₁b₁ − a₂b₂)², elementwise (a's broadcast to r)."""
-    best = None
-    for s1 in (1.0, -1.0):
-        for s2 in (1.0, -1.0):
-            e = (r - s1 * a1 - s2 * a2).abs()
-            if best is None:
-                best, b1, b2 = e, torch.full_like(r, s1), torch.full_like(r, s2)
-            else:
-                take = e < best
-                best = torch.where(take, e, best)
-                b1 = torch.where(take, s1, b1)
-                b2 = torch.where(take, s2, b2)
-    return b1, b2
+    """Signs (b₁, b₂) ∈ {±1}² minimising (r − a₁b₁ − a₂b₂)², elementwise (a's broadcast to r).
+
+    Greedy by magnitude is exact: with L ≥ l the levels ±L ± l are ordered −L−l ≤ −L+l ≤ 0 ≤ L−l ≤ L+l,
+    so the sign of the larger term is sign(r) and the smaller one's is the sign of what remains."""
+    l1, l2 = a1.abs(), a2.abs()
+    first = l1 >= l2
+    s_big = sgn(r)
+    s_small = sgn(r - s_big * torch.maximum(l1, l2))
+    return torch.where(first, s_big, s_small) * sgn(a1), torch.where(first, s_small, s_big) * sgn(a2)
 
 
 def arb_refine(w: Tensor, m: Tensor, fit: Fit, iters: int) -> Fit:

@@ -35,7 +35,7 @@ class BinarizeConfig:
     """
 
     method: str = "rc"
-    cgb: bool = True
+    cgb: bool = False
     iters: int = 15
     x_iters: int = 15
     search_iters: int = 0

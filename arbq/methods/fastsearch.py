@@ -41,36 +41,45 @@ def masked_errors(w: Tensor, m: Tensor, order: int) -> Tensor:
     return (err - n * mu2 * mu2 - n * a2 * a2).sum(-1)
 
 
-# ---------------------------------------------------------------- magnitude splits on sorted rows
+# ---------------------------------------------------------------- sets as intervals of sorted rows
 class SortedRows:
-    """Each row's member values sorted ascending, with prefix sums. v: [N, n]."""
+    """Each row's values sorted ascending, v: [N, n], and for K candidate sets prefix tables
+    c0, c1, c2: [N, K or 1, n + 1] — the count, Σv and Σv² of the set's members among the first t
+    sorted values. Every set statistic below is then a difference of two table entries."""
 
-    def __init__(self, v: Tensor):
-        self.v, _ = torch.sort(v, dim=-1)
+    def __init__(self, v: Tensor, c0: Tensor, c1: Tensor, c2: Tensor):
+        self.v, self.c0, self.c1, self.c2 = v, c0, c1, c2
+
+    @classmethod
+    def plain(cls, v: Tensor) -> SortedRows:
+        """All values of each row are members (one candidate set)."""
+        v, _ = torch.sort(v, dim=-1)
         z = torch.zeros(v.shape[0], 1, dtype=v.dtype, device=v.device)
-        self.p1 = torch.cat([z, self.v.cumsum(-1)], -1)
-        self.p2 = torch.cat([z, (self.v * self.v).cumsum(-1)], -1)
+        ones = torch.ones_like(v)
+        pre = [torch.cat([z, x.cumsum(-1)], -1)[:, None, :] for x in (ones, v, v * v)]
+        return cls(v, *pre)
 
     def find(self, c: Tensor, right: bool = False) -> Tensor:
         """Index of the first value ≥ c (> c if right), c: [N, K] → [N, K]."""
         return torch.searchsorted(self.v, c.contiguous(), right=right)
 
-    def seg(self, p: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        return p.gather(1, b) - p.gather(1, a)
+    def seg(self, table: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        t = table.expand(a.shape[0], a.shape[1], table.shape[-1])
+        return (t.gather(2, b[..., None]) - t.gather(2, a[..., None]))[..., 0]
 
     def abs_sum(self, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        """Σ_{i ∈ [a, b)} |v_i − c| per row and candidate (a ≤ b, all [N, K])."""
+        """Σ |v_i − c| over the set's members with sorted index in [a, b) (a ≤ b, all [N, K])."""
         t = torch.minimum(torch.maximum(self.find(c), a), b)
-        below = c * (t - a) - self.seg(self.p1, a, t)
-        above = self.seg(self.p1, t, b) - c * (b - t)
+        below = c * self.seg(self.c0, a, t) - self.seg(self.c1, a, t)
+        above = self.seg(self.c1, t, b) - c * self.seg(self.c0, t, b)
         return below + above
 
 
 def _union_err(s: SortedRows, ivals: list[tuple[Tensor, Tensor]], order: int) -> Tensor:
-    """err_order over the union of disjoint index intervals [a, b) of each row: [N, K]."""
-    n = sum((b - a) for a, b in ivals).to(s.v.dtype)
-    s1 = sum(s.seg(s.p1, a, b) for a, b in ivals)
-    s2 = sum(s.seg(s.p2, a, b) for a, b in ivals)
+    """err_order over the set's members in the union of disjoint sorted-index intervals: [N, K]."""
+    n = sum(s.seg(s.c0, a, b) for a, b in ivals)
+    s1 = sum(s.seg(s.c1, a, b) for a, b in ivals)
+    s2 = sum(s.seg(s.c2, a, b) for a, b in ivals)
     mu = _safe_div(s1, n)
     sq = s2 - n * mu * mu
     a1 = _safe_div(sum(s.abs_sum(a, b, mu) for a, b in ivals), n)
@@ -80,7 +89,7 @@ def _union_err(s: SortedRows, ivals: list[tuple[Tensor, Tensor]], order: int) ->
     t = s.find(mu)                                              # first index with v ≥ μ₁
     hi = [(torch.maximum(a, t).clamp(max=b), b) for a, b in ivals]
     lo = [(a, torch.minimum(b, t).clamp(min=a)) for a, b in ivals]
-    npos = sum((b - a) for a, b in hi).to(s.v.dtype)
+    npos = sum(s.seg(s.c0, a, b) for a, b in hi)
     mu2 = _safe_div(-a1 * (2 * npos - n), n)
     # r' − μ₂ = v − (μ₁ ± α₁ + μ₂) on the v ≥ μ₁ / v < μ₁ parts
     a2 = sum(s.abs_sum(a, b, mu + a1 + mu2) for a, b in hi) + sum(s.abs_sum(a, b, mu - a1 + mu2) for a, b in lo)
@@ -91,7 +100,7 @@ def _union_err(s: SortedRows, ivals: list[tuple[Tensor, Tensor]], order: int) ->
 def split_errors(v: Tensor, thresholds: Tensor, order: int) -> Tensor:
     """Σ_rows [err(|v| ≥ p) + err(|v| < p)] for each threshold p. v: [N, n] member values of each
     row (every row has the same count n), thresholds: [K] → [K]."""
-    s = SortedRows(v)
+    s = SortedRows.plain(v)
     N, n = v.shape
     p = thresholds[None, :].expand(N, -1)
     lo = s.find(-p, right=True)              # v ≤ −p  ⇔  index < lo
@@ -101,3 +110,34 @@ def split_errors(v: Tensor, thresholds: Tensor, order: int) -> Tensor:
     big = _union_err(s, [(zero, lo), (hi, end)], order)
     small = _union_err(s, [(lo, hi)], order)
     return (big + small).sum(0)
+
+
+def prefix_set_errors(w: Tensor, rank: Tensor, ks: Tensor, order: int, rows_per_chunk: int = 256) -> Tensor:
+    """Σ_rows [err(S_k) + err(rest)] for the column sets S_k = {j : rank_j < k}, k ∈ ks.
+    w: [N, C]; rank: [C] (0 = first column to include); ks: [K] → [K].
+
+    Tables: with the columns in rank order, member i of row r sits at sorted position ρ_ri, so the
+    table of S_k at t is Σ_{i<k} [ρ_ri < t]·w_riᵖ: a cumulative sum over i of step functions."""
+    N, C = w.shape
+    order_cols = torch.argsort(rank)
+    total = torch.zeros(len(ks), dtype=w.dtype, device=w.device)
+    for r0 in range(0, N, rows_per_chunk):
+        wr = w[r0: r0 + rows_per_chunk, order_cols]                    # [R, C] columns in rank order
+        R = wr.shape[0]
+        v, pos = torch.sort(wr, dim=-1)
+        rho = torch.empty_like(pos)
+        rho.scatter_(1, pos, torch.arange(C, device=w.device).expand(R, C))
+        kmax = int(ks.max())
+        t = torch.arange(C + 1, device=w.device)
+        step = (t[None, None, :] > rho[:, :kmax, None]).to(w.dtype)          # [R, i, t]: ρ_i < t
+        tables = []
+        for power in (0, 1, 2):
+            cum = (step * (wr[:, :kmax] ** power)[..., None]).cumsum(1)     # Σ_{i ≤ row} over members
+            tables.append(cum[:, ks - 1, :])                                 # [R, K, C + 1]
+        full = SortedRows.plain(wr)
+        inside = SortedRows(v, *tables)
+        rest = SortedRows(v, *(f - t for f, t in zip((full.c0, full.c1, full.c2), tables, strict=True)))
+        zero = torch.zeros(R, len(ks), dtype=torch.long, device=w.device)
+        end = torch.full_like(zero, C)
+        total += (_union_err(inside, [(zero, end)], order) + _union_err(rest, [(zero, end)], order)).sum(0)
+    return total

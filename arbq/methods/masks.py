@@ -62,14 +62,9 @@ def _chunks(n: int, N: int, C: int) -> list[slice]:
 class PlainScorer:
     """Closed-form errors of BiLLM's plain binarizers (order 2 salient, order 1 otherwise)."""
 
-    def salient_errors(self, W: Tensor, sal_cols: Tensor) -> Tensor:
-        """sal_cols: [K, C] bool candidates → [K] error of order2(salient) + order2(rest)."""
-        N, C = W.shape
-        out = []
-        for sl in _chunks(len(sal_cols), N, C):
-            m = sal_cols[sl, None, :].to(W.dtype).expand(-1, N, C)
-            out.append(fs.masked_errors(W, m, 2) + fs.masked_errors(W, 1 - m, 2))
-        return torch.cat(out)
+    def salient_errors(self, W: Tensor, rank: Tensor, ks: Tensor) -> Tensor:
+        """[K] error of order2(salient) + order2(rest), salient = {j : rank_j < k} for k in ks."""
+        return fs.prefix_set_errors(W, rank, ks, 2)
 
     def split(self, W: Tensor, cols: Tensor, fixed: Tensor, order: int, points: int) -> Tensor:
         """Group bit [N, C] on the columns `cols` ([C] bool): |w| ≥ best threshold."""
@@ -88,8 +83,9 @@ class FitScorer:
     iters: int
     err: ErrFn
 
-    def salient_errors(self, W: Tensor, sal_cols: Tensor) -> Tensor:
+    def salient_errors(self, W: Tensor, rank: Tensor, ks: Tensor) -> Tensor:
         N, C = W.shape
+        sal_cols = rank[None, :] < ks[:, None]
         out = []
         for sl in _chunks(len(sal_cols), N, C):
             sal = sal_cols[sl, None, :].expand(-1, N, C)
@@ -120,5 +116,5 @@ def search_salient(W: Tensor, scores: Tensor, kmax: int, scorer: PlainScorer | F
     rank = torch.empty(C, dtype=torch.long, device=W.device)
     rank[torch.argsort(scores, descending=True, stable=True)] = torch.arange(C, device=W.device)
     ks = torch.arange(1, kmax + 1, device=W.device)
-    errs = scorer.salient_errors(W, rank[None, :] < ks[:, None])
+    errs = scorer.salient_errors(W, rank, ks)
     return rank < ks[int(torch.argmin(errs))]
