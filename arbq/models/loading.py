@@ -67,8 +67,9 @@ def load_tokenizer(ref: ModelRef):
         raise _hub_error(ref, e) from None
 
 
-def load_model(ref: ModelRef, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ArchSpec]:
-    """Load a causal LM on CPU in eval mode, after checking its architecture is supported."""
+def load_model(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, ArchSpec]:
+    """Load a causal LM on CPU in eval mode, after checking its architecture is supported.
+    dtype "auto" keeps the checkpoint's dtype (stages lift one layer at a time to float32)."""
     from transformers import AutoModelForCausalLM
 
     spec = arch_for(load_config(ref).model_type)

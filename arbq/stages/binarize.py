@@ -163,7 +163,8 @@ def _sequential(net, spec, blocks, samples, run: RunDir, cfg: BinarizeConfig, mi
     with _progress() as prog:
         task = prog.add_task("binarize", total=len(blocks))
         for i, layer in enumerate(blocks):
-            layer.to(device)
+            dtype = next(layer.parameters()).dtype
+            layer.to(device, torch.float32)
             lin = archmod.layer_linears(layer, spec)
             if i not in missing:
                 _apply(layer, lin, run.read_layer(i, list(spec.linears)))
@@ -173,7 +174,7 @@ def _sequential(net, spec, blocks, samples, run: RunDir, cfg: BinarizeConfig, mi
                 run.write_layer(i, results, rows)
             if i < len(blocks) - 1:
                 x = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}")
-            layer.to("cpu")
+            layer.to("cpu", dtype)
             prog.advance(task)
 
 
@@ -183,7 +184,9 @@ def _independent(blocks, spec, calib_dir: Path, run: RunDir, cfg: BinarizeConfig
         task = prog.add_task("binarize", total=len(missing))
         for i in missing:
             full = cal.load_layer_stats(calib_dir, i, spec.groups)
-            results, rows = _binarize_layer(i, blocks[i], spec, lambda group, full=full: full, cfg, device,
-                                            prog, task)
+            dtype = next(blocks[i].parameters()).dtype
+            layer = blocks[i].to(device, torch.float32)
+            results, rows = _binarize_layer(i, layer, spec, lambda group, full=full: full, cfg, device, prog, task)
+            layer.to("cpu", dtype)
             run.write_layer(i, results, rows)
             prog.advance(task)

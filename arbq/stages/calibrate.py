@@ -106,7 +106,8 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task("calibrate", total=len(layers))
         for i, layer in enumerate(layers):
-            layer.to(device)
+            dtype = next(layer.parameters()).dtype
+            layer.to(device, torch.float32)
             if i < todo[0]:
                 x = layerwise.forward_layer(layer, x, kwargs, device, f"layer {i}")
             else:
@@ -115,6 +116,6 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
                 hess, x = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, name=f"layer {i}")
                 if not stats_complete(out, i):
                     save_tensors(stats_path(out, i), hess, info={"layer": i, "groups": spec.groups})
-            layer.to("cpu")
+            layer.to("cpu", dtype)
             prog.advance(task)
     return len(layers)
