@@ -85,6 +85,9 @@ def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None 
                                device=device)
     samples, manifest = cal.load_samples(calib_dir)
     net, _ = load_model(ref)
+    if int(samples.max()) >= net.config.vocab_size:
+        raise ArbqError(f"calibration {calib_dir} has token ids beyond this model's vocabulary "
+                        f"({int(samples.max())} >= {net.config.vocab_size}): it was made for another tokenizer")
     blocks = archmod.decoder_layers(net, spec)
     todo_range = parse_layers(layers, len(blocks))
     info = {"format": RUN_FORMAT, "model": str(ref), "model_type": net.config.model_type,
