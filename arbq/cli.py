@@ -51,6 +51,7 @@ def binarize(
     iters: int = typer.Option(None, help="ARB refinement iterations."),
     x_iters: int = typer.Option(None, help="ARB-X calibration-aware iterations."),
     search_iters: int = typer.Option(None, help="Refinement iterations inside the mask search."),
+    search_fit: str = typer.Option(None, help="Mask scoring: plain (closed form, fast) | method (the reference's)."),
     blocksize: int = typer.Option(None, help="Columns per block."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
@@ -67,7 +68,8 @@ def binarize(
     from arbq.stages.binarize import run_binarize
 
     cfg = load_recipe(recipe).replace(
-        method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, blocksize=blocksize,
+        method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
+        blocksize=blocksize,
         percdamp=percdamp, salient=salient, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
                  layers=layers, device=device, resume=resume)

@@ -1,0 +1,92 @@
+"""What each benchmarked name means: a base recipe plus overrides, and how `arbq binarize` is called.
+
+Main methods (quality table): sign, billm, arb, x, rc, x+cgb, rc+cgb (plus "fp", the model itself).
+Reference block: for a family (rc+cgb, x+cgb) its default recipe, the reference-equivalent recipe
+(recipes/reference-*.yaml) and one run per recipe key in which the two differ (one change at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from arbq.methods.config import BinarizeConfig, load_recipe
+
+FP = "fp"
+# name -> (base recipe, overrides): the same choices a user makes with `--recipe` and flags
+METHODS: dict[str, tuple[str | None, dict]] = {
+    "sign": ("sign", {}),
+    "billm": ("billm", {}),
+    "arb": ("arb", {}),
+    "x": (None, {"method": "x", "cgb": False}),
+    "rc": (None, {"method": "rc", "cgb": False}),
+    "x+cgb": ("x-cgb", {}),
+    "rc+cgb": ("rc-cgb", {}),
+}
+ALL_METHODS = (FP, *METHODS)
+# family -> (default recipe, reference-equivalent recipe)
+REFERENCE = {"rc+cgb": ("rc-cgb", "reference-rc-cgb"), "x+cgb": ("x-cgb", "reference-x-cgb")}
+# Recipe values that make a run far slower than the default: with search_fit=method every mask
+# candidate is fitted by the method itself (measured ≈5× the binarize time of search_fit=plain).
+SLOW = {("search_fit", "method")}
+# --quick: a smaller search so that a smoke test binarizes in about a minute (numbers not meaningful)
+QUICK_OVERRIDES = {"iters": 1, "x_iters": 1, "max_salient": 4, "split_points": 5}
+# recipe keys that `arbq binarize` accepts as flags (others need a recipe file)
+FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters", "x_iters": "--x-iters",
+         "search_iters": "--search-iters", "search_fit": "--search-fit", "blocksize": "--blocksize",
+         "percdamp": "--percdamp",
+         "salient": "--salient", "sequential": ("--sequential", "--no-sequential"),
+         "true_sequential": ("--true-sequential", "--no-true-sequential")}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One binarization run: `name` (also its directory name), base recipe and overrides."""
+
+    name: str
+    recipe: str | None
+    overrides: dict = field(default_factory=dict)
+    note: str = ""
+
+    def config(self) -> BinarizeConfig:
+        return load_recipe(self.recipe).replace(**self.overrides)
+
+    @property
+    def slow(self) -> bool:
+        return any((k, v) in SLOW for k, v in self.config().to_dict().items())
+
+    def binarize_args(self, recipe_dir: Path) -> list[str]:
+        """`arbq binarize` arguments after MODEL (without -o/--calib): --recipe NAME plus flags, or a
+        recipe file written to recipe_dir when an override has no flag (e.g. search_fit)."""
+        if all(k in FLAGS for k in self.overrides):
+            args = ["--recipe", self.recipe] if self.recipe else []
+            for k, v in self.overrides.items():
+                flag = FLAGS[k]
+                args += [flag[0] if v else flag[1]] if isinstance(flag, tuple) else [flag, str(v)]
+            return args
+        path = recipe_dir / f"{self.name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# bench run {self.name}: {self.recipe or 'defaults'} + {self.overrides}\n"
+                        + yaml.safe_dump({"binarize": self.config().to_dict()}, sort_keys=False))
+        return ["--recipe", str(path)]
+
+
+def main_runs(names: list[str], extra: dict) -> list[RunSpec]:
+    """RunSpecs of the main methods in `names` (fp excluded), each with the `extra` overrides."""
+    return [RunSpec(n, METHODS[n][0], {**METHODS[n][1], **extra}) for n in names if n != FP]
+
+
+def reference_runs(family: str, extra: dict) -> list[RunSpec]:
+    """[default, one change per differing key..., reference-equivalent] for a family (e.g. rc+cgb)."""
+    default, ref = REFERENCE[family]
+    d, r = load_recipe(default).to_dict(), load_recipe(ref).to_dict()
+    diff = {k: r[k] for k in d if d[k] != r[k]}
+    runs = [RunSpec(family, default, dict(extra), note="arbq default")]
+    if len(diff) > 1:
+        runs += [RunSpec(f"{family}@{k}={v}", default, {**extra, k: v}, note=f"default, {k}={v}")
+                 for k, v in diff.items()]
+    note = "reference-equivalent: " + ", ".join(f"{k}={v}" for k, v in diff.items())
+    runs.append(RunSpec(ref, ref, dict(extra), note=note))
+    return runs
