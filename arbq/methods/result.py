@@ -79,7 +79,7 @@ class LinearResult:
     def dequantize(self) -> torch.Tensor:
         """Ŵ: [N, K] float32 from the equation in the module docstring."""
         n, k = self.sign1.shape
-        blk = torch.arange(k) // self.blocksize                         # [K]
+        blk = torch.arange(k, device=self.sign1.device) // self.blocksize   # [K]
         kind = self.salient.long()                                      # [K]
         g = self.group.long()                                           # [N, K]
         base = (blk * 2 + kind) * 2                                     # [K]

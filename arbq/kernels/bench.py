@@ -1,0 +1,120 @@
+"""Packed vs dense matmul timing on one shape at a time (used by `make bench`; not a test).
+
+Protocol: same process and threads (recorded); a correctness check before any timing; warm-up; A/B
+interleaved (the order alternates every repeat); median with p10/p90 of >= 21 repeats; dense outputs
+preallocated; kernel build and layer preparation excluded. "hot" reuses one weight; "cold" rotates
+copies of the weights larger than the last-level cache. The honest bits per weight are reported next
+to every speedup: the batch-1 ceiling vs fp32 is 32 / bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+from arbq.methods.result import LinearResult
+from arbq.packed.binary_linear import BinaryLinear
+from arbq.packed.codec import pack_linear
+from arbq.packed.format import formula_bits, scheme_for
+
+
+def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, salient_frac: float = 0.08,
+                  seed: int = 0) -> LinearResult:
+    """A LinearResult with random bits and scales in the slots `method` uses (timing needs no real fit)."""
+    g = torch.Generator().manual_seed(seed)
+    sc = scheme_for(method, cgb)
+    t = -(-k // blocksize)
+    sal = torch.zeros(k, dtype=torch.bool)
+    if sc.salient:
+        sal[torch.randperm(k, generator=g)[:round(salient_frac * k)]] = True
+    group = (torch.rand(n, k, generator=g) < 0.5) if sc.group else torch.zeros(n, k, dtype=torch.bool)
+    group &= sal.logical_not() | sc.cgb
+    return LinearResult(
+        sign1=torch.rand(n, k, generator=g) < 0.5, sign2=torch.rand(n, k, generator=g) < 0.5, group=group,
+        salient=sal, alpha=torch.rand(n, t, 2, 2, 2, generator=g) * 0.02,
+        mu=torch.zeros(n, t, 2, 2) if sc.rc else torch.randn(n, t, 2, 2, generator=g) * 1e-3,
+        col_scale=torch.rand(2, 2, k, generator=g) + 0.5 if sc.rc else torch.ones(2, 2, k), blocksize=blocksize)
+
+
+def _stats(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=10)
+    return {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1]}
+
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
+                batches: tuple[int, ...] = (1, 128), repeats: int = 21, warmup: int = 5, backend: str = "cpu",
+                cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "fp32",
+                seed: int = 0) -> dict:
+    """Time x [b, K] @ Wᵀ, dense fp32 torch.matmul vs BinaryLinear, for each batch b; returns a dict.
+
+    clock "thread" (CPU time of the calling thread) is immune to other processes on a shared machine
+    but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend.
+    """
+    now = CLOCKS[clock]
+    old_lanes = os.environ.get("ARBQ_CPU_LANES")
+    os.environ["ARBQ_CPU_LANES"] = lanes
+    try:
+        return _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now,
+                      seed, extra={"clock": clock, "lanes": lanes})
+    finally:
+        if old_lanes is None:
+            os.environ.pop("ARBQ_CPU_LANES", None)
+        else:
+            os.environ["ARBQ_CPU_LANES"] = old_lanes
+
+
+def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now, seed,
+           extra: dict) -> dict:
+    res = random_result(n, k, method, cgb, seed=seed)
+    packed = pack_linear(res, scheme_for(method, cgb), scale_dtype)
+    bits = sum(formula_bits(packed.spec).values()) / (n * k)
+    w = BinaryLinear.from_packed(packed).dequantize()   # the packed weights (scales as stored)
+    copies = max(1, math.ceil(llc_bytes / w.numel() / 4)) if cold else 1
+    dense = [w.clone() for _ in range(copies)]
+    layers = [BinaryLinear.from_packed(pack_linear(res, scheme_for(method, cgb), scale_dtype), backend=backend)
+              for _ in range(copies)]
+    out = {"shape": [n, k], "method": method, "cgb": cgb, "scale_dtype": scale_dtype, "backend": backend,
+           "threads": torch.get_num_threads(), **extra, "mode": "cold" if cold else "hot",
+           "bits_per_weight": bits,
+           "ceiling_vs_fp32": 32 / bits, "batches": {}}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, k, generator=torch.Generator().manual_seed(seed + b))
+            buf = torch.empty(b, n)
+            want = x @ w.T
+            err = float((layers[0](x) - want).abs().max() / want.abs().max())
+            if err > (5e-3 if extra["lanes"] == "fp16" else 1e-4):
+                raise RuntimeError(f"packed output differs from dense by {err:.2e} (relative): not timing it")
+            for i in range(max(warmup, copies)):       # every copy once: per-layer preparation is not timed
+                layers[i % copies](x)
+                torch.matmul(x, dense[i % copies].T, out=buf)
+            td, tp = [], []
+            for r in range(repeats):
+                for first in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    i = r % copies
+                    t0 = now()
+                    if first == 0:
+                        torch.matmul(x, dense[i].T, out=buf)
+                    else:
+                        layers[i](x)
+                    (td if first == 0 else tp).append(now() - t0)
+            d, p = _stats(td), _stats(tp)
+            out["batches"][str(b)] = {"dense_fp32": d, "packed": p, "max_rel_err": err,
+                                      "speedup": d["median_ms"] / p["median_ms"]}
+    return out
+
+
+def bench(shapes=((4096, 4096), (11008, 4096)), **kw) -> list[dict]:
+    return [bench_shape(n, k, **kw) for n, k in shapes]
+
+
+if __name__ == "__main__":
+    print(json.dumps(bench(), indent=2))

@@ -1,0 +1,237 @@
+// arbq packed 1-bit linear on CPU: batch-1 GEMV straight from the bits, and row-tile dequantization.
+//
+// Weight (arbq.methods.result):  W[i,j] = mu[k,g] + a[k,g,0] c[g,0,j] s1 + k a[k,g,1] c[g,1,j] s2
+// with k = salient[j], g = group bit, s = +-1 and values per (row i, block t); z_go = c[g,o,:] * x
+// (z = x without column scales). The GEMV sums signed inputs under bit masks (t = -s z is one masked
+// negation), so the product needs only masked adds:
+//
+//  pass 1  every column of a block, as if all were non-salient, 16 fp32 or 32 fp16 lanes at a time:
+//          P0 = sum t0, P0g = sum_g t0, P1g = sum_g t1 (t_g = -s1 z_g0), Xg = sum_g x for the means;
+//  pass 2  the block's salient columns only, from 16-bit words of salient bits aligned per block
+//          (prepared once per layer) and x gathered the same way (once per call): kind-1 sums; the
+//          share pass 1 counted with kind-0 values is removed through value differences (dv);
+//  end     each slot's sum vector times its value (a lane broadcast) is added to one vector per row;
+//          row-invariant terms (block sums of x for the means) enter through one FMA with a per-block
+//          lane vector; one horizontal reduction per row, never per block.
+//
+// Padding lanes of x and padding bits are zero, so no tail masks are needed. Rows are split across
+// threads (at::parallel_for, OpenMP); R rows share every x load. Loading a mask costs a p5 uop like the
+// add itself, so fewer masks per column (fp16 lanes: 32 columns per mask) is what makes it faster.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define ARBQ_AVX512 1
+#else
+#define ARBQ_AVX512 0
+#endif
+#if ARBQ_AVX512 && defined(__AVX512FP16__)
+#define ARBQ_FP16 1
+#else
+#define ARBQ_FP16 0
+#endif
+
+namespace {
+
+// kernel slot ids: alpha (kind, group, order) and mu (kind, group)
+enum Slot { A00 = 0, A01, A10_1, A11_1, A10_2, A11_2, M00, M01, M10, M11, NSLOT };
+constexpr int kZeroLane = 15;  // lane of a row-block's value vector that is always 0 (V <= 10)
+
+struct Layer {
+  int64_t N, K, B, T, Kb, W, S, S2b, V;
+  const uint8_t *s1, *grp;          // [N, Kb] planes
+  const uint8_t *s1w, *gw, *s2w;    // [N, 2W] salient bits, 16-bit words aligned per block
+  const uint8_t* s2raw;             // [N, S2b] the stored sign2 plane (scalar path)
+  const int32_t *woff, *spos, *sidx;  // [T+1] word offsets; [S] aligned position, column of salient p
+  const void* vals;
+  int vdtype;
+  float vscale;
+  int pos[NSLOT];                   // slot -> lane of the row-block value vector (kZeroLane if unused)
+  const float* cs;                  // [4, K] column scales, index 2g + o (RC only)
+  bool rc, grp_on, cgb, sal;
+};
+
+float fp8_lut[256];
+
+void init_fp8_lut() {
+  static bool done = false;
+  if (done) return;
+  for (int b = 0; b < 256; ++b) fp8_lut[b] = c10::detail::fp8e4m3fn_to_fp32_value(static_cast<uint8_t>(b));
+  done = true;
+}
+
+// Values of row i, block t -> dst[0..15] (dst[V..15] = 0), before the fp8 factor.
+inline void load_vals(const Layer& a, int64_t i, int64_t t, float* dst) {
+  const int64_t off = (i * a.T + t) * a.V;
+  for (int v = 0; v < 16; ++v) dst[v] = 0.f;
+  for (int64_t v = 0; v < a.V; ++v) {
+    switch (a.vdtype) {
+      case 0: dst[v] = static_cast<const float*>(a.vals)[off + v]; break;
+      case 1: dst[v] = static_cast<float>(static_cast<const c10::Half*>(a.vals)[off + v]); break;
+      case 2: dst[v] = static_cast<float>(static_cast<const c10::BFloat16*>(a.vals)[off + v]); break;
+      default: dst[v] = fp8_lut[static_cast<const uint8_t*>(a.vals)[off + v]]; break;
+    }
+  }
+}
+
+inline int bit_at(const uint8_t* row, int64_t j) { return (row[j >> 3] >> (j & 7)) & 1; }
+
+// ---------------------------------------------------------------- scalar: any CPU, any block size
+
+// W[i, j] by the result equation; cidx[j] = compact index of a salient column, else -1.
+inline float weight_at(const Layer& a, int64_t i, int64_t j, const int32_t* cidx, const float* v) {
+  const int k = cidx[j] >= 0;
+  const int g = a.grp_on ? bit_at(a.grp + i * a.Kb, j) : 0;
+  const float s1 = bit_at(a.s1 + i * a.Kb, j) ? 1.f : -1.f;
+  float w = v[a.pos[k ? (g ? A11_1 : A10_1) : (g ? A01 : A00)]] * (a.rc ? a.cs[2 * g * a.K + j] : 1.f) * s1;
+  if (!a.rc) w += v[a.pos[k ? (g ? M11 : M10) : (g ? M01 : M00)]];
+  if (k) {
+    const float s2 = bit_at(a.s2raw + i * a.S2b, cidx[j]) ? 1.f : -1.f;
+    w += v[a.pos[g ? A11_2 : A10_2]] * (a.rc ? a.cs[(2 * g + 1) * a.K + j] : 1.f) * s2;
+  }
+  return w;
+}
+
+void dequant_scalar(const Layer& a, const int32_t* cidx, int64_t r0, int64_t r1, float* out) {
+  at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
+    float v[16];
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t t = 0; t < a.T; ++t) {
+        load_vals(a, i, t, v);
+        for (int64_t r = 0; r < a.V; ++r) v[r] *= a.vscale;
+        for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, a.K); ++j)
+          out[(i - r0) * a.K + j] = weight_at(a, i, j, cidx, v);
+      }
+  });
+}
+
+void gemv_scalar(const Layer& a, const int32_t* cidx, const float* x, float* y) {
+  at::parallel_for(0, a.N, 1, [&](int64_t b, int64_t e) {
+    float v[16];
+    for (int64_t i = b; i < e; ++i) {
+      double acc = 0;
+      for (int64_t t = 0; t < a.T; ++t) {
+        load_vals(a, i, t, v);
+        float blk = 0;
+        for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, a.K); ++j) blk += weight_at(a, i, j, cidx, v) * x[j];
+        acc += blk;
+      }
+      y[i] = static_cast<float>(acc) * a.vscale;
+    }
+  });
+}
+
+#if ARBQ_AVX512
+// ---------------------------------------------------------------- AVX-512
+#include "binary_gemv_avx512.cpp"
+#include "binary_dequant_avx512.cpp"
+#endif
+
+// ---------------------------------------------------------------- bindings
+
+template <class T>
+const T* ptr(const torch::Tensor& t) { return t.numel() ? static_cast<const T*>(t.data_ptr()) : nullptr; }
+
+Layer make_layer(const std::vector<torch::Tensor>& ts, double vscale, int64_t K, int64_t B,
+                 const std::vector<bool>& flags) {
+  // ts: sign1, group, s1w, gw, s2w, sign2, woff, spos, sidx, values, pos, cs
+  TORCH_CHECK(ts.size() == 12 && flags.size() == 4, "arbq: bad kernel arguments");
+  const auto &sign1 = ts[0], &s1w = ts[2], &sign2 = ts[5], &vals = ts[9], &pos = ts[10];
+  for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
+  TORCH_CHECK(sign1.scalar_type() == torch::kUInt8 && sign1.dim() == 2, "sign1: uint8 [N, Kb]");
+  TORCH_CHECK(vals.dim() == 3 && vals.size(2) <= 10 && pos.numel() == NSLOT, "values: [N, T, V<=10]");
+  Layer a{};
+  a.N = sign1.size(0); a.K = K; a.B = B; a.T = (K + B - 1) / B; a.Kb = sign1.size(1); a.V = vals.size(2);
+  TORCH_CHECK(a.Kb == (K + 7) / 8 && vals.size(0) == a.N && vals.size(1) == a.T, "arbq: packed shapes disagree");
+  a.rc = flags[0]; a.grp_on = flags[1]; a.cgb = flags[2]; a.sal = flags[3];
+  a.s1 = sign1.data_ptr<uint8_t>();
+  a.grp = ptr<uint8_t>(ts[1]); a.s1w = ptr<uint8_t>(s1w); a.gw = ptr<uint8_t>(ts[3]); a.s2w = ptr<uint8_t>(ts[4]);
+  a.s2raw = ptr<uint8_t>(sign2);
+  a.W = s1w.dim() == 2 ? s1w.size(1) / 2 : 0;
+  a.S2b = sign2.dim() == 2 ? sign2.size(1) : 0;
+  a.woff = ptr<int32_t>(ts[6]); a.spos = ptr<int32_t>(ts[7]); a.sidx = ptr<int32_t>(ts[8]);
+  a.S = ts[8].numel();
+  TORCH_CHECK(ts[6].numel() == a.T + 1 && ts[7].numel() == a.S && a.S <= 8 * a.S2b + (a.sal ? 0 : a.S) &&
+              (!a.sal || s1w.size(0) == a.N), "arbq: salient index tensors disagree with the planes");
+  a.vals = vals.data_ptr();
+  switch (vals.scalar_type()) {
+    case torch::kFloat: a.vdtype = 0; break;
+    case torch::kHalf: a.vdtype = 1; break;
+    case torch::kBFloat16: a.vdtype = 2; break;
+    case torch::kFloat8_e4m3fn: a.vdtype = 3; init_fp8_lut(); break;
+    default: TORCH_CHECK(false, "arbq: unsupported values dtype");
+  }
+  a.vscale = static_cast<float>(vscale);
+  for (int s = 0; s < NSLOT; ++s) a.pos[s] = pos.data_ptr<int32_t>()[s];
+  a.cs = a.rc ? ts[11].data_ptr<float>() : nullptr;
+  return a;
+}
+
+std::vector<int32_t> compact_index(const Layer& a) {
+  std::vector<int32_t> cidx(a.K, -1);
+  for (int64_t p = 0; p < a.S; ++p) cidx[a.sidx[p]] = static_cast<int32_t>(p);
+  return cidx;
+}
+
+// Rows r0:r1 of W as float32 [r1 - r0, K]. mode 0: scalar code, else AVX-512 where compiled.
+// out: a preallocated float32 [>= r1 - r0, K] contiguous buffer, or an empty tensor to allocate one.
+torch::Tensor dequant(std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t B, std::vector<bool> flags,
+                      int64_t r0, int64_t r1, int64_t mode, torch::Tensor out) {
+  const Layer a = make_layer(ts, vscale, K, B, flags);
+  if (out.numel() == 0) out = torch::empty({r1 - r0, K}, torch::kFloat);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == K &&
+              out.size(0) >= r1 - r0, "arbq: dequant output buffer must be float32 [>= rows, K]");
+#if ARBQ_AVX512
+  if (mode > 0 && B % 16 == 0) {
+    dequant_avx512(a, r0, r1, out.data_ptr<float>());
+    return out;
+  }
+#endif
+  const auto cidx = compact_index(a);
+  dequant_scalar(a, cidx.data(), r0, r1, out.data_ptr<float>());
+  return out;
+}
+
+// y [M, N] = x [M, K] @ W^T, one x row at a time. mode: 0 scalar, 1 fp32 lanes, 2 fp16 lanes if possible.
+torch::Tensor gemv(torch::Tensor x, std::vector<torch::Tensor> ts, double vscale, int64_t B,
+                   std::vector<bool> flags, int64_t mode) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
+  const int64_t K = x.size(1);
+  const Layer a = make_layer(ts, vscale, K, B, flags);
+  auto y = torch::empty({x.size(0), a.N}, torch::kFloat);
+  const bool vec = ARBQ_AVX512 && mode > 0 && B % 16 == 0;
+  const std::vector<int32_t> cidx = vec ? std::vector<int32_t>() : compact_index(a);
+  for (int64_t m = 0; m < x.size(0); ++m) {
+    const float* xm = x.data_ptr<float>() + m * K;
+    float* ym = y.data_ptr<float>() + m * a.N;
+    if (!vec) { gemv_scalar(a, cidx.data(), xm, ym); continue; }
+#if ARBQ_AVX512
+    gemv_avx512(a, xm, ym, mode);
+#endif
+  }
+  return y;
+}
+
+std::string features() {
+  return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "y = x @ W^T from packed bits (x rows looped)");
+  m.def("dequant", &dequant, "rows r0:r1 of W as float32");
+  m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
+}

@@ -1,0 +1,25 @@
+"""Pure-torch backend: unpack a tile of rows to fp32 and matmul. Correct on every device, slow at batch 1."""
+
+from __future__ import annotations
+
+import torch
+
+from arbq.packed.codec import PackedLinear, unpack_rows
+
+NAME = "torch"
+TILE_ROWS = 512
+
+
+def supports(p: PackedLinear, x: torch.Tensor) -> bool:
+    return True
+
+
+def matmul(p: PackedLinear, x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] @ Ŵᵀ, Ŵ rebuilt TILE_ROWS rows at a time (LinearResult.dequantize)."""
+    n = p.spec.out_features
+    x = x.float()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, n)
+        y[:, r0:r1] = x @ unpack_rows(p, r0, r1).dequantize().T
+    return y

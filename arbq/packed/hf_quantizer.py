@@ -1,0 +1,90 @@
+"""`quant_method: "arbq"` for transformers: AutoModelForCausalLM.from_pretrained(PACKED) after `import arbq`.
+
+Registered under "arbq" with transformers' public decorators. Before the weights load, the quantizer
+verifies the sha256 manifest, swaps every packed nn.Linear (still on the meta device) for a
+BinaryLinear and checks the checkpoint's keys and shapes against the model, so that a missing or
+unexpected tensor is an error instead of a silently random-initialised weight. Transformers may cast
+the floating packed values to the requested dtype; BinaryLinear reads whatever dtype it holds.
+`arbq.load` is the direct path (keeps the stored dtypes of packed tensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from arbq.errors import ArbqError
+from arbq.packed.binary_linear import BinaryLinear
+from arbq.packed.codec import validate_packed
+from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD
+from arbq.packed.loader import check_checkpoint, check_quant_config, read_header, swap_linears, verify_manifest
+
+_FIELDS = ("format_version", "method", "cgb", "blocksize", "bit_order", "scale_dtype", "modules")
+
+
+class ArbqConfig(QuantizationConfigMixin):
+    """The `quantization_config` block written by `arbq pack` (see arbq.packed.loader)."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, method: str = "rc", cgb: bool = True,
+                 blocksize: int = 128, bit_order: str = BIT_ORDER, scale_dtype: str = "fp16",
+                 modules: dict | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version, self.method, self.cgb, self.blocksize = format_version, method, cgb, blocksize
+        self.bit_order, self.scale_dtype, self.modules = bit_order, scale_dtype, modules or {}
+        check_quant_config(self.to_dict())  # refuses an unknown format_version / bit order
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, **{k: getattr(self, k) for k in _FIELDS}}
+
+
+class ArbqHfQuantizer(HfQuantizer):
+    """Pre-quantized only: swaps packed linears for BinaryLinear before the weights are loaded."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        files = [Path(f) for f in checkpoint_files or []]
+        if not files:
+            raise ArbqError("arbq: from_pretrained gave no checkpoint files to verify")
+        verify_manifest(files[0].parent)
+        q = self.quantization_config.to_dict()
+        dev = next((p.device for p in model.parameters()), "meta")
+        swap_linears(model, q, device=dev, dtype=dtype or next(model.parameters()).dtype)
+        check_checkpoint(model, read_header(files))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        left = [n for m_name, m in model.named_modules() if isinstance(m, BinaryLinear)
+                for n, t in m.named_buffers(prefix=m_name) if t.device.type == "meta"]
+        if left:
+            raise ArbqError(f"arbq: packed tensors not loaded: {left[:5]}")
+        for name, mod in model.named_modules():
+            if isinstance(mod, BinaryLinear):
+                validate_packed(mod.packed(), name)
+        return model
+
+    def is_serializable(self) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register "arbq" with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(ArbqConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(ArbqHfQuantizer)
+
+
+register()

@@ -1,0 +1,231 @@
+"""Load a packed model directory (written by `arbq pack`) as a transformers model running from the bits.
+
+PACKED/config.json            model config + `quantization_config` (quant_method "arbq", format_version,
+                              method, cgb, blocksize, bit_order, scale_dtype, modules: name -> shapes)
+PACKED/model*.safetensors     packed linears (arbq.packed.format) and the unbinarized weights
+PACKED/arbq_manifest.json     sha256 of every other file
+
+`load` verifies the manifest, builds the model skeleton with parameters on the meta device, swaps every
+packed linear for a BinaryLinear, checks the checkpoint's keys, shapes and dtypes against it, then
+assigns the tensors (safetensors only: nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from arbq.errors import ArbqError
+from arbq.fileio import read_json, verify_hashes
+from arbq.packed.binary_linear import BinaryLinear
+from arbq.packed.codec import validate_packed
+from arbq.packed.format import FORMAT_VERSION, QUANT_METHOD, LinearSpec, scheme_for
+
+MANIFEST = "arbq_manifest.json"
+MANIFEST_FORMAT = "arbq-packed"
+
+
+def is_packed(path: str | Path) -> bool:
+    """True if `path` is a directory whose config declares quant_method "arbq" (no hashing)."""
+    cfg = Path(path) / "config.json"
+    if not (Path(path) / MANIFEST).is_file() or not cfg.is_file():
+        return False
+    try:
+        return (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def quant_config(config) -> dict:
+    """The validated `quantization_config` dict of a config (object or dict)."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    return check_quant_config(q.to_dict() if hasattr(q, "to_dict") else q)
+
+
+def check_quant_config(q: dict | None) -> dict:
+    """Refuse a quantization_config that is not arbq's, or of a format version this code cannot read."""
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise ArbqError("not an arbq packed model: config.json has no quantization_config with quant_method 'arbq'")
+    if q.get("format_version") != FORMAT_VERSION:
+        raise ArbqError(f"unsupported arbq format_version {q.get('format_version')!r} (this arbq reads "
+                        f"{FORMAT_VERSION}); upgrade arbq or re-pack the model")
+    if q.get("bit_order", "little") != "little":
+        raise ArbqError(f"unsupported bit_order {q.get('bit_order')!r}")
+    return q
+
+
+def verify_manifest(root: str | Path) -> dict:
+    """Check every file listed in PACKED/arbq_manifest.json against its sha256; unlisted weights are an error."""
+    root = Path(root)
+    man = read_json(root / MANIFEST)
+    if man.get("format") != MANIFEST_FORMAT or not isinstance(man.get("files"), dict):
+        raise ArbqError(f"{root / MANIFEST}: not an arbq manifest")
+    unlisted = [p.name for p in root.iterdir() if p.suffix == ".safetensors" and p.name not in man["files"]]
+    if unlisted or "config.json" not in man["files"]:
+        raise ArbqError(f"{root}: files not covered by the manifest: {', '.join(unlisted or ['config.json'])}")
+    verify_hashes(root, man["files"])
+    return man
+
+
+def linear_specs(q: dict) -> dict[str, LinearSpec]:
+    scheme = scheme_for(q["method"], q["cgb"])
+    return {name: LinearSpec(m["out_features"], m["in_features"], m["n_salient"], q["blocksize"], scheme,
+                             q["scale_dtype"]) for name, m in q["modules"].items()}
+
+
+def swap_linears(model: nn.Module, q: dict, device: str | torch.device = "meta",
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Replace every nn.Linear named in q["modules"] by an empty BinaryLinear of the recorded shape."""
+    for name, spec in linear_specs(q).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ArbqError(f"packed module {name} does not exist in this architecture") from None
+        if not isinstance(old, nn.Linear):
+            raise ArbqError(f"packed module {name} is a {type(old).__name__}, not nn.Linear")
+        if (old.out_features, old.in_features) != (spec.out_features, spec.in_features):
+            raise ArbqError(f"{name}: config says {old.out_features}x{old.in_features} but the packed weight is "
+                            f"{spec.out_features}x{spec.in_features}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                BinaryLinear(spec, bias=old.bias is not None, device=device, dtype=dtype))
+
+
+def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent state of the model, each shared (tied) tensor under its first name only.
+
+    Tied targets (e.g. lm_head.weight with tie_word_embeddings) are left out whether or not they are
+    tied yet: transformers builds its skeleton untied and ties after loading.
+    """
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    out, seen = {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key not in tied and id(t) not in seen:
+            seen.add(id(t))
+            out[key] = t
+    return out
+
+
+def check_checkpoint(model: nn.Module, header: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Refuse missing or unexpected keys, shape mismatches, and packed tensors of the wrong dtype."""
+    want = expected_tensors(model)
+    missing, unexpected = sorted(set(want) - set(header)), sorted(set(header) - set(want))
+    if missing or unexpected:
+        raise ArbqError(f"checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                        f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear)
+              for b in m.spec.tensor_shapes()}
+    for key, t in want.items():
+        shape, dt = header[key]
+        if tuple(shape) != tuple(t.shape):
+            raise ArbqError(f"{key}: checkpoint shape {tuple(shape)} disagrees with the config's {tuple(t.shape)}")
+        if key in packed and dt != t.dtype:
+            raise ArbqError(f"{key}: checkpoint dtype {dt} disagrees with the packed format's {t.dtype}")
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,
+             "I64": torch.int64, "BOOL": torch.bool, "I16": torch.int16}
+    if name not in table:
+        raise ArbqError(f"unsupported tensor dtype {name} in checkpoint")
+    return table[name]
+
+
+def weight_files(root: Path) -> list[Path]:
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ArbqError(f"{root}: no .safetensors files")
+    return files
+
+
+def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """key -> (shape, dtype) of every tensor in the files, from the safetensors headers only."""
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    sl = h.get_slice(key)
+                    if key in out:
+                        raise ArbqError(f"tensor {key} appears in more than one shard")
+                    out[key] = (tuple(sl.get_shape()), _dtype_of(sl.get_dtype()))
+        except (SafetensorError, OSError) as e:
+            raise ArbqError(f"corrupt or truncated safetensors file {f}: {e}") from None
+    return out
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (buffers such as rotary tables stay real)."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
+         verify: bool = True) -> nn.Module:
+    """A packed model as an eval-mode transformers causal LM whose packed linears are BinaryLinear.
+
+    dtype: dtype of the unbinarized weights and activations (None keeps the stored one).
+    verify: check the sha256 manifest first (a flipped byte loads silently otherwise).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ArbqError(f"{root} is not a packed model directory (no config.json)")
+    if verify:
+        verify_manifest(root)
+    config = AutoConfig.from_pretrained(root)
+    q = quant_config(config)
+    del config.quantization_config  # the skeleton is built plain; BinaryLinear is swapped in below
+    files = weight_files(root)
+    header = read_header(files)
+    stored = next((dt for (_, dt) in header.values() if dt.is_floating_point and dt != torch.float8_e4m3fn), None)
+    dtype = dtype or stored or torch.float32
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_linears(model, q, device="meta", dtype=dtype)
+    check_checkpoint(model, header)
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear)
+              for b in m.spec.tensor_shapes()}
+    state = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    t = h.get_tensor(key)
+                    state[key] = t if key in packed or not t.is_floating_point() else t.to(dtype)
+        except (SafetensorError, OSError) as e:
+            raise ArbqError(f"corrupt or truncated safetensors file {f}: {e}") from None
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ArbqError(f"tensors not loaded: {left[:5]}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, BinaryLinear):
+            validate_packed(mod.packed(), name)
+    model.config.quantization_config = q
+    if (root / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(root)
+    model.eval()
+    return model.to(device)

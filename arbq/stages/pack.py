@@ -1,0 +1,193 @@
+"""`arbq pack`: real 1-bit safetensors from one or more RUN dirs, plus everything needed to load them.
+
+PACKED/model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above
+MAX_SHARD_BYTES), config.json with the `quantization_config` block, tokenizer and generation files,
+arbq_manifest.json (sha256 of every file). Layout of the packed tensors: arbq.packed.format.
+Everything is written into a temporary directory beside PACKED and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from arbq.errors import ArbqError
+from arbq.fileio import atomic_path, file_hashes, library_versions, write_json
+from arbq.models.arch import decoder_layers
+from arbq.models.loading import load_model, load_tokenizer, resolve
+from arbq.packed.codec import check_representable, pack_linear
+from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of, scheme_for
+from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, expected_tensors
+from arbq.packed.sizes import SizeReport, report_table
+from arbq.stages.run_dir import RunDir
+
+console = Console(stderr=True)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_SHARD_BYTES = 2 * 1024**3
+SAME_ACROSS_RUNS = ("model", "model_type", "num_layers", "linears", "recipe")
+
+
+def plan_runs(runs: list[Path]) -> tuple[dict, dict[int, RunDir]]:
+    """(run info, layer -> RunDir holding it); every layer exactly once, one recipe and calibration."""
+    if not runs:
+        raise ArbqError("no run directories given")
+    dirs = [RunDir(Path(r)) for r in runs]
+    infos = [d.info() for d in dirs]
+    base = infos[0]
+    for d, info in zip(dirs[1:], infos[1:], strict=True):
+        for key in SAME_ACROSS_RUNS:
+            if info.get(key) != base.get(key):
+                raise ArbqError(f"{d.root} and {dirs[0].root} differ in {key!r}: they cannot be packed together")
+        if info.get("calib", {}).get("manifest_sha256") != base.get("calib", {}).get("manifest_sha256"):
+            raise ArbqError(f"{d.root} and {dirs[0].root} used different calibration data (manifest sha256)")
+    owner: dict[int, RunDir] = {}
+    for d in dirs:
+        for i in d.present_layers(base["num_layers"]):
+            if i in owner:
+                raise ArbqError(f"layer {i} is present in both {owner[i].root} and {d.root}")
+            owner[i] = d
+    missing = [i for i in range(base["num_layers"]) if i not in owner]
+    if missing:
+        raise ArbqError(f"layers missing from the runs: {missing[:20]}{'...' if len(missing) > 20 else ''} "
+                        "(finish them with `arbq binarize --resume` or pass the other run dirs)")
+    return base, owner
+
+
+class ShardWriter:
+    """Streams tensors into safetensors shards of at most max_bytes (one file if everything fits)."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root, self.max_bytes = root, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.pending.update(tensors)
+        self.size += nbytes
+
+    def _flush(self) -> None:
+        i = len(self.shards)
+        with atomic_path(self.root / f"shard-{i}.tmp") as tmp:  # "format": "pt" is what transformers expects
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.pending.items()}, str(tmp),
+                      metadata={"format": "pt", "arbq_format_version": str(FORMAT_VERSION)})
+        self.shards.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        """Final file names; writes model.safetensors.index.json when there is more than one shard."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.root / "shard-0.tmp", self.root / "model.safetensors")
+            return ["model.safetensors"]
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        total = 0
+        for i, name in enumerate(names):
+            os.replace(self.root / f"shard-{i}.tmp", self.root / name)
+            total += (self.root / name).stat().st_size
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: names[i] for i, keys in enumerate(self.shards) for k in keys}}
+        write_json(self.root / "model.safetensors.index.json", index)
+        return [*names, "model.safetensors.index.json"]
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise ArbqError(f"{out} exists and is not a packed model directory; refusing to overwrite it")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str = "fp16",
+             json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Pack the runs into `out`; returns (and prints, and optionally writes) the size report."""
+    if dtype not in DTYPES:
+        raise ArbqError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    scale_dtype_of(scale_dtype)
+    out = Path(out)
+    _check_out(out)
+    info, owner = plan_runs([Path(r) for r in runs])
+    recipe = info["recipe"]
+    scheme = scheme_for(recipe["method"], recipe.get("cgb", False))
+    ref = resolve(info["model"])
+    model, spec = load_model(ref, dtype=DTYPES[dtype])
+    if model.config.model_type != info["model_type"]:
+        raise ArbqError(f"run was made for a {info['model_type']} model but {ref} is {model.config.model_type}")
+    blocks = decoder_layers(model, spec)
+    if len(blocks) != info["num_layers"]:
+        raise ArbqError(f"run has {info['num_layers']} layers but {ref} has {len(blocks)}")
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer, sizes, modules, done = ShardWriter(tmp, max_shard_bytes), SizeReport(), {}, set()
+        for i in range(info["num_layers"]):
+            results = owner[i].read_layer(i, info["linears"])
+            for name, res in results.items():
+                full, lin = f"{spec.layers}.{i}.{name}", blocks[i].get_submodule(name)
+                if tuple(res.shape) != tuple(lin.weight.shape) or res.blocksize != recipe["blocksize"]:
+                    raise ArbqError(f"{full}: result {res.shape} / blocksize {res.blocksize} does not match the "
+                                    f"model's {tuple(lin.weight.shape)} / recipe blocksize {recipe['blocksize']}")
+                check_representable(res, scheme, full)
+                p = pack_linear(res, scheme, scale_dtype)
+                tensors = dict(p.tensors)
+                if lin.bias is not None:
+                    tensors["bias"] = lin.bias.detach().to(DTYPES[dtype])
+                sizes.add(full, p.spec, tensors)
+                writer.add({f"{full}.{k}": v for k, v in tensors.items()})
+                modules[full] = {"out_features": p.spec.out_features, "in_features": p.spec.in_features,
+                                 "n_salient": p.spec.n_salient}
+                done |= {f"{full}.weight", f"{full}.bias"}
+        params = 0
+        for key, t in expected_tensors(model).items():
+            params += t.numel()
+            if key not in done:
+                writer.add({key: t.detach().to(DTYPES[dtype])})
+        files = writer.close()
+
+        qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": recipe["method"],
+                "cgb": scheme.cgb, "blocksize": recipe["blocksize"], "bit_order": BIT_ORDER,
+                "scale_dtype": scale_dtype, "modules": modules}
+        cfg = model.config.to_dict()
+        cfg.update(quantization_config=qcfg, dtype={"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype],
+                   use_cache=True)
+        write_json(tmp / "config.json", cfg)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        load_tokenizer(ref).save_pretrained(tmp)
+        packed_bytes = sum((tmp / f).stat().st_size for f in files if f.endswith(".safetensors"))
+        rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=recipe["method"],
+                            cgb=scheme.cgb, blocksize=recipe["blocksize"], scale_dtype=scale_dtype, dtype=dtype)
+        names = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
+        write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
+                                    "files": file_hashes(tmp, names), "source": {
+                                        "model": info["model"], "runs": [str(r) for r in runs],
+                                        "calib_manifest_sha256": info.get("calib", {}).get("manifest_sha256")},
+                                    "versions": library_versions(),
+                                    "size": {k: rep[k] for k in ("binarized", "model")}})
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    console.print(report_table(rep))
+    console.print(f"packed → {out}")
+    if json_out:
+        write_json(json_out, rep)
+    return rep
+

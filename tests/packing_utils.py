@@ -1,0 +1,75 @@
+"""Random LinearResults that respect each method's slots, and a synthetic RUN dir, for packing tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from arbq.methods.result import LinearResult
+from arbq.packed.format import scheme_for
+
+# (method, cgb) flavours the format distinguishes
+FLAVOURS = [("sign", False), ("billm", False), ("arb", True), ("x", False), ("x", True), ("rc", False),
+            ("rc", True)]
+
+
+def random_result(n: int, k: int, method: str = "rc", cgb: bool = True, blocksize: int = 128,
+                  salient_frac: float = 0.08, seed: int = 0) -> LinearResult:
+    """A LinearResult a `method` could produce: random bits; slots it does not use hold garbage
+    where dequantize() never reads them, and the neutral value (mu 0 / col_scale 1) where it does."""
+    gen = torch.Generator().manual_seed(seed)
+    sc = scheme_for(method, cgb)
+    t = -(-k // blocksize)
+
+    def bits(*shape):
+        return torch.rand(*shape, generator=gen) < 0.5
+
+    sal = torch.zeros(k, dtype=torch.bool)
+    if sc.salient:
+        n_sal = max(1, round(salient_frac * k))
+        sal[torch.randperm(k, generator=gen)[:n_sal]] = True
+    group = bits(n, k) if sc.group else torch.zeros(n, k, dtype=torch.bool)
+    if not sc.cgb:
+        group &= ~sal
+    alpha = torch.rand(n, t, 2, 2, 2, generator=gen) * 0.05 + 0.001
+    mu = torch.zeros(n, t, 2, 2) if sc.rc else torch.randn(n, t, 2, 2, generator=gen) * 0.01
+    col_scale = torch.rand(2, 2, k, generator=gen) * 2 + 0.1 if sc.rc else torch.ones(2, 2, k)
+    return LinearResult(sign1=bits(n, k), sign2=bits(n, k), group=group, salient=sal, alpha=alpha, mu=mu,
+                        col_scale=col_scale, blocksize=blocksize)
+
+
+def write_run(run: Path, model_dir: Path, method: str = "rc", cgb: bool = True, blocksize: int = 32,
+              layers: list[int] | None = None, calib_sha: str = "c0ffee", seed: int = 0) -> dict:
+    """A RUN dir for the model in `model_dir` with random results for `layers` (default: all).
+
+    Returns {(layer, linear): LinearResult} so a test can build the matching fake-quant model.
+    """
+    from transformers import AutoConfig
+
+    from arbq.models.arch import arch_for
+    from arbq.stages.run_dir import RUN_FORMAT, RunDir
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    spec = arch_for(cfg.model_type)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rd = RunDir(run)
+    layers = list(range(cfg.num_hidden_layers)) if layers is None else layers
+    out = {}
+    for i in layers:
+        layer = model.get_submodule(spec.layers)[i]
+        results = {}
+        for j, name in enumerate(spec.linears):
+            w = layer.get_submodule(name).weight
+            results[name] = random_result(w.shape[0], w.shape[1], method, cgb, blocksize, seed=seed + 100 * i + j)
+            out[(i, name)] = results[name]
+        rd.write_layer(i, results, [{"layer": i, "linear": n} for n in results])
+    info = {"format": RUN_FORMAT, "model": str(model_dir), "model_type": cfg.model_type,
+            "num_layers": cfg.num_hidden_layers, "linears": list(spec.linears),
+            "recipe": {"method": method, "cgb": cgb, "blocksize": blocksize, "iters": 15},
+            "calib": {"manifest_sha256": calib_sha}}
+    (run / "run.json").write_text(json.dumps(info))
+    return out
