@@ -18,7 +18,7 @@ fixtures: install
 	$(PYTHON) -m arbq.fixtures
 
 lint: install
-	$(PYTHON) -m ruff check arbq tests bench
+	$(PYTHON) -m ruff check arbq tests bench scripts
 
 test: install fixtures lint
 	$(PYTHON) -m pytest -q -ra tests

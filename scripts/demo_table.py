@@ -17,14 +17,16 @@ def main(out: Path) -> None:
     for col in ("model", "text", "protocol", "seqlen", "perplexity", "size on disk"):
         table.add_column(col)
     sizes = json.loads((out / "size.json").read_text())
-    fp16_mb = sizes.get("fp16_model_bytes", 0) / 2**20
+    fp16_mb = sizes["model"]["fp16_bytes"] / 2**20
     for name, size in (("fp", f"{fp16_mb:.0f} MB as fp16"), ("fake", "(fake-quant fp32)"),
                        ("packed", f"{dir_mb(out / 'rc-cgb-packed'):.0f} MB")):
         res = json.loads((out / f"eval-{name}.json").read_text())
         for row in res["perplexity"]:
             table.add_row(name, row["text"], row["protocol"], str(row["seqlen"]), f"{row['ppl']:.2f}", size)
     Console().print(table)
-    print(f"bits per binarized weight (honest, every byte stored): {sizes.get('bits_per_weight', float('nan')):.3f}")
+    b = sizes["binarized"]
+    print(f"bits per binarized weight: {b['bpw_honest']:.3f} honest (every byte stored), "
+          f"{b['bpw_paper']:.3f} in the papers' convention (sign + residual bits)")
 
 
 if __name__ == "__main__":
