@@ -21,7 +21,7 @@ lint: install
 	$(PYTHON) -m ruff check arbq tests bench scripts
 
 test: install fixtures lint
-	$(PYTHON) -m pytest -q -ra tests
+	$(PYTHON) -m pytest -q -ra --durations=15 tests
 
 test-fast: install lint
 	$(PYTHON) -m pytest -q -ra -m "not fixture" tests
