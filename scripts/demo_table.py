@@ -22,7 +22,7 @@ def main(out: Path) -> None:
                        ("packed", f"{dir_mb(out / 'rc-cgb-packed'):.0f} MB")):
         res = json.loads((out / f"eval-{name}.json").read_text())
         for row in res["perplexity"]:
-            table.add_row(name, row["text"], row["protocol"], str(row["seqlen"]), f"{row['ppl']:.2f}", size)
+            table.add_row(name, Path(row["text"]).name, row["protocol"], str(row["seqlen"]), f"{row['ppl']:.2f}", size)
     Console().print(table)
     b = sizes["binarized"]
     print(f"bits per binarized weight: {b['bpw_honest']:.3f} honest (every byte stored), "
