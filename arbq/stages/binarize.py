@@ -24,7 +24,7 @@ from arbq.methods.gptq import binarize_linear
 from arbq.methods.result import LinearResult
 from arbq.models import arch as archmod
 from arbq.models import layerwise
-from arbq.models.loading import load_model, resolve
+from arbq.models.loading import load_config, load_model, resolve
 from arbq.stages import calibrate as cal
 from arbq.stages.fake_model import write_fake_model
 from arbq.stages.run_dir import RUN_FORMAT, RunDir
@@ -50,13 +50,11 @@ def _prepare_calib(run: RunDir, model: str, calib: Path | None, cfg: BinarizeCon
     if calib is not None:
         if not (Path(calib) / "manifest.json").is_file():
             raise ArbqError(f"--calib {calib} is not a calibration dir (no manifest.json)")
-        manifest = cal.read_json(Path(calib) / "manifest.json")
-        if not manifest.get("complete"):
+        if not cal.is_complete(Path(calib)):
             raise ArbqError(f"--calib {calib} is incomplete; finish it with `arbq calibrate --resume`")
         return Path(calib)
     target = run.root / "calib"
-    done = (target / "manifest.json").is_file() and cal.read_json(target / "manifest.json").get("complete")
-    if not done:
+    if not cal.is_complete(target):
         cal.run_calibrate(model, target, stats=not cfg.sequential, resume=(target / "manifest.json").is_file(),
                           **calib_args)
     return target
@@ -78,7 +76,7 @@ def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None 
     """Binarize `model` into the run dir `out`; returns the report rows."""
     run = RunDir(Path(out))
     ref = resolve(model)
-    spec = archmod.arch_for(cal._config(ref).model_type)
+    spec = archmod.arch_for(load_config(ref).model_type)
     if layers and cfg.sequential:
         raise ArbqError("--layers needs --no-sequential (sequential layers depend on the ones before)")
     calib_dir = _prepare_calib(run, model, calib, cfg, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,

@@ -23,7 +23,7 @@ from arbq.errors import ArbqError
 from arbq.fileio import file_hashes, library_versions, load_tensors, read_info, read_json, save_tensors, write_json
 from arbq.models import arch as archmod
 from arbq.models import layerwise
-from arbq.models.loading import ModelRef, load_model, load_tokenizer, max_context, resolve
+from arbq.models.loading import ModelRef, load_config, load_model, load_tokenizer, max_context, resolve
 
 console = Console(stderr=True)
 
@@ -34,6 +34,11 @@ def stats_path(out: Path, i: int) -> Path:
 
 def stats_complete(out: Path, i: int) -> bool:
     return (read_info(stats_path(out, i)) or {}).get("layer") == i
+
+
+def is_complete(calib: Path) -> bool:
+    """True once `calibrate` has written every file of `calib` (its manifest says so)."""
+    return (calib / "manifest.json").is_file() and bool(read_json(calib / "manifest.json").get("complete"))
 
 
 def load_samples(calib: Path) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -54,17 +59,11 @@ def load_layer_stats(calib: Path, i: int, groups: tuple[tuple[str, ...], ...]) -
 
 
 def make_samples(ref: ModelRef, data: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    ctx = max_context(_config(ref))
+    ctx = max_context(load_config(ref))
     if ctx is not None and seqlen > ctx:
         raise ArbqError(f"--seqlen {seqlen} exceeds the model's context length {ctx}")
     tok = load_tokenizer(ref)
     return textdata.sample_windows(textdata.tokenize(tok, textdata.load_text(data, "train")), nsamples, seqlen, seed)
-
-
-def _config(ref: ModelRef):
-    from arbq.models.loading import load_config
-
-    return load_config(ref)
 
 
 def run_calibrate(model: str, out: Path, data: str = "wikitext2", nsamples: int = 128, seqlen: int = 2048,
@@ -72,7 +71,7 @@ def run_calibrate(model: str, out: Path, data: str = "wikitext2", nsamples: int 
     """Write samples, statistics and manifest to `out`; returns the manifest."""
     out = Path(out)
     ref = resolve(model)
-    spec = archmod.arch_for(_config(ref).model_type)
+    spec = archmod.arch_for(load_config(ref).model_type)
     params = {"model": str(ref), "data": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
               "stats": stats}
     mpath = out / "manifest.json"
