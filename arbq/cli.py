@@ -51,10 +51,13 @@ def binarize(
     iters: int = typer.Option(None, help="ARB refinement iterations."),
     x_iters: int = typer.Option(None, help="ARB-X calibration-aware iterations."),
     search_iters: int = typer.Option(None, help="Refinement iterations inside the mask search."),
-    search_fit: str = typer.Option(None, help="Mask scoring: plain (closed form, fast) | method (the reference's)."),
+    search_fit: str = typer.Option(None, help="Mask scoring: plain (closed form, fast) | method (own binarizers)."),
+    split_error: str = typer.Option(None, help="Non-salient split scored by: weight | output error."),
     blocksize: int = typer.Option(None, help="Columns per block."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
+    search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
+    split_quantiles: str = typer.Option(None, help="Split thresholds: members | with_zeros (the reference's)."),
     sequential: bool = typer.Option(None, "--sequential/--no-sequential",
                                     help="Inputs through already-binarized layers (default) or stored FP stats."),
     true_sequential: bool = typer.Option(None, "--true-sequential/--no-true-sequential",
@@ -69,8 +72,9 @@ def binarize(
 
     cfg = load_recipe(recipe).replace(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
-        blocksize=blocksize,
-        percdamp=percdamp, salient=salient, sequential=sequential, true_sequential=true_sequential)
+        split_error=split_error,
+        blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
+        split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
                  layers=layers, device=device, resume=resume)
 

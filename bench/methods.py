@@ -1,8 +1,10 @@
 """What each benchmarked name means: a base recipe plus overrides, and how `arbq binarize` is called.
 
 Main methods (quality table): sign, billm, arb, x, rc, x+cgb, rc+cgb (plus "fp", the model itself).
-Reference block: for a family (rc+cgb, x+cgb) its default recipe, the reference-equivalent recipe
-(recipes/reference-*.yaml) and one run per recipe key in which the two differ (one change at a time).
+Reference block: for a family (rc+cgb, x+cgb) the reference-equivalent recipe of the reference code's
+best configuration (recipes/reference-*-hessian.yaml), one run per recipe key in which it differs from
+arbq's default (that key set to arbq's value, one change at a time), arbq's default, and the reference
+code's own default (magnitude salience).
 """
 
 from __future__ import annotations
@@ -26,17 +28,16 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc+cgb": ("rc-cgb", {}),
 }
 ALL_METHODS = (FP, *METHODS)
-# family -> (default recipe, reference-equivalent recipe)
-REFERENCE = {"rc+cgb": ("rc-cgb", "reference-rc-cgb"), "x+cgb": ("x-cgb", "reference-x-cgb")}
-# Recipe values that make a run far slower than the default: with search_fit=method every mask
-# candidate is fitted by the method itself (measured ≈5× the binarize time of search_fit=plain).
-SLOW = {("search_fit", "method")}
+# family -> (default recipe, reference-equivalent recipe, further reference recipes)
+REFERENCE = {"rc+cgb": ("rc-cgb", "reference-rc-cgb-hessian", ("reference-rc-cgb",)),
+             "x+cgb": ("x-cgb", "reference-x-cgb-hessian", ("reference-x-cgb",))}
 # --quick: a smaller search so that a smoke test binarizes in about a minute (numbers not meaningful)
 QUICK_OVERRIDES = {"iters": 1, "x_iters": 1, "max_salient": 4, "split_points": 5}
 # recipe keys that `arbq binarize` accepts as flags (others need a recipe file)
 FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters", "x_iters": "--x-iters",
          "search_iters": "--search-iters", "search_fit": "--search-fit", "blocksize": "--blocksize",
-         "percdamp": "--percdamp",
+         "percdamp": "--percdamp", "split_error": "--split-error", "search_on": "--search-on",
+         "split_quantiles": "--split-quantiles",
          "salient": "--salient", "sequential": ("--sequential", "--no-sequential"),
          "true_sequential": ("--true-sequential", "--no-true-sequential")}
 
@@ -52,10 +53,6 @@ class RunSpec:
 
     def config(self) -> BinarizeConfig:
         return load_recipe(self.recipe).replace(**self.overrides)
-
-    @property
-    def slow(self) -> bool:
-        return any((k, v) in SLOW for k, v in self.config().to_dict().items())
 
     def binarize_args(self, recipe_dir: Path) -> list[str]:
         """`arbq binarize` arguments after MODEL (without -o/--calib): --recipe NAME plus flags, or a
@@ -79,14 +76,16 @@ def main_runs(names: list[str], extra: dict) -> list[RunSpec]:
 
 
 def reference_runs(family: str, extra: dict) -> list[RunSpec]:
-    """[default, one change per differing key..., reference-equivalent] for a family (e.g. rc+cgb)."""
-    default, ref = REFERENCE[family]
+    """[reference-equivalent, reference with one arbq change per differing key..., arbq default,
+    further reference recipes] for a family (e.g. rc+cgb)."""
+    default, ref, others = REFERENCE[family]
     d, r = load_recipe(default).to_dict(), load_recipe(ref).to_dict()
-    diff = {k: r[k] for k in d if d[k] != r[k]}
-    runs = [RunSpec(family, default, dict(extra), note="arbq default")]
+    diff = {k: d[k] for k in d if d[k] != r[k]}
+    runs = [RunSpec(ref, ref, dict(extra), note="reference-equivalent (the reference code's best configuration)")]
     if len(diff) > 1:
-        runs += [RunSpec(f"{family}@{k}={v}", default, {**extra, k: v}, note=f"default, {k}={v}")
+        runs += [RunSpec(f"{ref}@{k}={v}", ref, {**extra, k: v}, note=f"reference, {k}: {r[k]} → {v}")
                  for k, v in diff.items()]
-    note = "reference-equivalent: " + ", ".join(f"{k}={v}" for k, v in diff.items())
-    runs.append(RunSpec(ref, ref, dict(extra), note=note))
+    note = "arbq default: " + ", ".join(f"{k}={v}" for k, v in diff.items())
+    runs.append(RunSpec(family, default, dict(extra), note=note))
+    runs += [RunSpec(o, o, dict(extra), note="the reference code's default configuration") for o in others]
     return runs

@@ -58,10 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--task-limit", type=int, help="botchan_cloze examples (default 40)")
     a("--task-methods", default="fp,rc+cgb", help="methods that also run the lm-eval task")
     a("--skip-tasks", action="store_true", help="no lm-eval task")
-    a("--reference", choices=("none", "cheap", "full"), default="cheap",
-      help="reference block: cheap = only runs no slower than the default (default); full = also "
-           "search_fit=method runs and the reference recipes (≈5× binarize time each)")
-    a("--reference-methods", help="families for the reference block (default rc+cgb; full: rc+cgb,x+cgb)")
+    a("--reference-methods", default="rc+cgb",
+      help="families for table 1b, reference-equivalent vs arbq default one change at a time: rc+cgb (default), "
+           "x+cgb, or none; each adds ≈4 binarize runs")
     a("--skip-quality", action="store_true", help="skip calibrate/binarize/eval/pack (tables 1-3)")
     a("--skip-kernels", action="store_true", help="skip kernel and decode timings (table 4)")
     a("--quick", action="store_true", help="tiny smoke-test configuration (numbers not meaningful)")
@@ -79,8 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for k, v in base.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    if args.reference_methods is None:
-        args.reference_methods = "rc+cgb" if args.quick or args.reference == "cheap" else "rc+cgb,x+cgb"
     args.results = args.results or (args.out / "results.json" if args.quick else REPO / "bench" / "results.json")
     return args
 
@@ -171,9 +168,9 @@ def quality(b: Bench, model: str, text: Path) -> None:
     res["calibrate"] = cal
     extra = {**(mt.QUICK_OVERRIDES if a.quick else {}), **({"sequential": False} if a.no_sequential else {})}
     specs = {s.name: s for s in mt.main_runs(names, extra)}
-    families = {} if a.reference == "none" else {f: mt.reference_runs(f, extra) for f in _csv(a.reference_methods)}
+    families = {f: mt.reference_runs(f, extra) for f in _csv(a.reference_methods) if f != "none"}
     for runs in families.values():
-        specs.update({s.name: s for s in runs if s.name not in specs and (a.reference == "full" or not s.slow)})
+        specs.update({s.name: s for s in runs if s.name not in specs})
     ref_eval: dict = {}
     for name, spec in specs.items():
         cost = b.step(f"binarize/{name}", lambda s=spec: pl.binarize(s, model, work, Path(cal["dir"]), a.device,
@@ -199,17 +196,11 @@ def quality(b: Bench, model: str, text: Path) -> None:
             ppl = {k: v for k, v in (ev or {}).items() if k.startswith(("botchan_", "heldout_"))
                    and not k.startswith("botchan_cloze")}
             row = {"note": s.note, "recipe": s.config().to_dict(), **ppl}
-            if s.name not in specs:
-                row["status"] = "not run: search_fit=method ≈5× binarize time (--reference full)"
-            else:
-                cost = res["binarize"].get(s.name, {})
-                row.update(binarize_wall_s=cost.get("wall_s"), bits_per_weight=size.get(s.name, {}).get(
-                    "bits_per_weight"), status="error" if "error" in cost or not ev else "ok")
+            cost = res["binarize"].get(s.name, {})
+            row.update(binarize_wall_s=cost.get("wall_s"), bits_per_weight=size.get(s.name, {}).get(
+                "bits_per_weight"), status="error" if "error" in cost or not ev else "ok")
             ref[s.name] = row
         b.save()
-    if families and a.reference == "cheap":
-        res["notes"].append("reference block: runs with search_fit=method (the reference recipes and one ablation "
-                            "per family) are skipped by default, ≈5× the binarize time; use --reference full")
 
 
 def speed(b: Bench, model: str) -> None:

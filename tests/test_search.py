@@ -79,3 +79,64 @@ def test_prefix_set_errors_equal_masked_errors(order):
     m = (rank[None, :] < ks[:, None])[:, None, :].double().expand(-1, 37, 40)
     slow = fs.masked_errors(w, m, order) + fs.masked_errors(w, 1 - m, order)
     torch.testing.assert_close(fs.prefix_set_errors(w, rank, ks, order, rows_per_chunk=16), slow)
+
+
+def _reference_search(T, cgb, up_lim=50, points=81):
+    """The reference code's mask search written the slow, obvious way: loops over salient counts and
+    thresholds, BiLLM's plain binarizers on explicit masks, weight error on the search matrix T."""
+    N, C = T.shape
+    err = lambda R: float((R * R).sum())  # noqa: E731
+    top = torch.argsort(T.abs().sum(0), descending=True, stable=True)
+    best_k, best = None, float("inf")
+    for k in range(1, min(up_lim, C)):
+        sal = torch.zeros(N, C, dtype=torch.bool)
+        sal[:, top[:k]] = True
+        e = err(T - bz.order2(T, sal).w_hat - bz.order2(T, ~sal).w_hat)
+        if e < best:
+            best_k, best = k, e
+    sal = torch.zeros(N, C, dtype=torch.bool)
+    sal[:, top[:best_k]] = True
+    q = torch.linspace(0.1, 0.9, points, dtype=T.dtype)
+
+    def split(member, order, thresholds):
+        fit = bz.order2 if order == 2 else bz.order1
+        best_p, best_e = None, float("inf")
+        for p in thresholds:
+            big = (T.abs() >= p) & member
+            e = err((T - fit(T, big).w_hat - fit(T, member & ~big).w_hat) * member)
+            if e < best_e:
+                best_p, best_e = p, e
+        return (T.abs() >= best_p) & member
+
+    group = split(~sal, 1, torch.quantile((T * ~sal).abs().flatten(), q))    # zeros included
+    if cgb:
+        group |= split(sal, 2, torch.quantile(T[sal].abs(), q))
+    return sal[0], group
+
+
+@pytest.mark.parametrize("cgb", [False, True])
+@pytest.mark.parametrize("metric", ["hessian", "magnitude"])
+def test_reference_recipe_reproduces_the_reference_search(cgb, metric):
+    """search_on=salience + split_quantiles=with_zeros (recipes/reference-*.yaml) choose the masks of the
+    reference code's loops: search on T = W (magnitude) or W²/d² (hessian), plain binarizers."""
+    w = heavy(40, 64, seed=7)
+    d = torch.rand(64, dtype=torch.float64) + 0.2
+    cfg = BinarizeConfig(method="rc", cgb=cgb, salient=metric, search_on="salience", split_quantiles="with_zeros")
+    salient, group = choose_masks(w, d, None, METHODS["rc"], cfg)
+    ref_sal, ref_group = _reference_search(mk.salience_matrix(w, d, metric), cgb)
+    assert torch.equal(salient, ref_sal)
+    assert torch.equal(group, ref_group)
+
+
+def test_search_on_weight_differs_from_salience_search():
+    """The arbq default searches on W; with the hessian metric that gives other masks than the reference."""
+    w = heavy(40, 64, seed=8)
+    d = torch.rand(64, dtype=torch.float64) + 0.2
+    cfg = BinarizeConfig(method="rc", cgb=True, salient="hessian")
+    ours = choose_masks(w, d, None, METHODS["rc"], cfg)
+    ref = choose_masks(w, d, None, METHODS["rc"], cfg.replace(search_on="salience", split_quantiles="with_zeros"))
+    assert not torch.equal(ours[1], ref[1])
+    # arbq's non-salient groups are a threshold split of |W| itself: every large weight is in the group
+    ns = ~ours[0][None, :].expand_as(w)
+    inside, outside = w.abs()[ns & ours[1]], w.abs()[ns & ~ours[1]]
+    assert inside.min() >= outside.max()

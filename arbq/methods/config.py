@@ -23,12 +23,19 @@ class BinarizeConfig:
     x_iters:       calibration-aware (ARB-X) iterations after `iters` (x only; paper: 15)
     search_iters:  refinement iterations used while searching masks (reference: 0)
     search_fit:    "plain": score mask candidates with BiLLM's sign binarizers in closed form (fast,
-                   exact); "method": with the method's own binarizers (the reference's behaviour)
+                   exact; as the reference); "method": fit every candidate with the method's own
+                   binarizers (`search_iters` refinements; ≈5× slower)
+    split_error:   error that scores the non-salient split: "weight" ‖W − Ŵ‖² or "output"
+                   tr(R S Rᵀ) of the whole block's residual (the reference's choice for ARB-X)
     blocksize:     columns per block of the GPTQ-style loop (paper: 128)
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
     max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49)
     split_points:  number of quantile thresholds tried for each magnitude split (paper: 81, 10%…90%)
+    search_on:     "weight": search masks with errors measured on W (arbq); "salience": on the
+                   salience-transformed matrix (W²/U_jj² for hessian, W for magnitude), as the reference
+    split_quantiles: "members": split thresholds are quantiles of |w| over the group's own weights;
+                   "with_zeros": the non-salient thresholds include the zeroed salient columns (reference)
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -40,11 +47,14 @@ class BinarizeConfig:
     x_iters: int = 15
     search_iters: int = 0
     search_fit: str = "plain"
+    split_error: str = "weight"
     blocksize: int = 128
     percdamp: float = 0.01
     salient: str = "hessian"
     max_salient: int = 49
     split_points: int = 81
+    search_on: str = "weight"
+    split_quantiles: str = "members"
     sequential: bool = True
     true_sequential: bool = False
 
@@ -65,6 +75,10 @@ class BinarizeConfig:
             raise ArbqError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.search_fit not in ("plain", "method"):
             raise ArbqError(f"unknown search_fit {self.search_fit!r}; choose plain or method")
+        for key, allowed in (("search_on", ("weight", "salience")), ("split_quantiles", ("members", "with_zeros")),
+                             ("split_error", ("weight", "output"))):
+            if getattr(self, key) not in allowed:
+                raise ArbqError(f"unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
         if self.salient not in ("hessian", "magnitude"):
             raise ArbqError(f"unknown salience metric {self.salient!r}; choose hessian or magnitude")
         for key in ("iters", "x_iters", "search_iters"):

@@ -43,43 +43,55 @@ def masked_errors(w: Tensor, m: Tensor, order: int) -> Tensor:
 
 # ---------------------------------------------------------------- sets as intervals of sorted rows
 class SortedRows:
-    """Each row's values sorted ascending, v: [N, n], and for K candidate sets prefix tables
-    c0, c1, c2: [N, K or 1, n + 1] — the count, Σv and Σv² of the set's members among the first t
-    sorted values. Every set statistic below is then a difference of two table entries."""
+    """Each row's values sorted ascending, v: [N, n], and for K candidate sets one prefix table
+    tab: [3, N, K or 1, n + 1] — the count, Σv and Σv² (first dim) of the set's members among the first
+    t sorted values. Every set statistic below is a difference of two table entries; the three sums
+    come from one gather."""
 
-    def __init__(self, v: Tensor, c0: Tensor, c1: Tensor, c2: Tensor):
-        self.v, self.c0, self.c1, self.c2 = v, c0, c1, c2
+    def __init__(self, v: Tensor, tab: Tensor):
+        self.v, self.tab = v, tab
 
     @classmethod
     def plain(cls, v: Tensor) -> SortedRows:
         """All values of each row are members (one candidate set)."""
         v, _ = torch.sort(v, dim=-1)
-        z = torch.zeros(v.shape[0], 1, dtype=v.dtype, device=v.device)
-        ones = torch.ones_like(v)
-        pre = [torch.cat([z, x.cumsum(-1)], -1)[:, None, :] for x in (ones, v, v * v)]
-        return cls(v, *pre)
+        pw = torch.stack([torch.ones_like(v), v, v * v])                         # [3, N, n]
+        tab = torch.cat([torch.zeros_like(pw[..., :1]), pw.cumsum(-1)], -1)      # [3, N, n + 1]
+        return cls(v, tab[:, :, None])
 
     def find(self, c: Tensor, right: bool = False) -> Tensor:
         """Index of the first value ≥ c (> c if right), c: [N, K] → [N, K]."""
         return torch.searchsorted(self.v, c.contiguous(), right=right)
 
-    def seg(self, table: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        t = table.expand(a.shape[0], a.shape[1], table.shape[-1])
-        return (t.gather(2, b[..., None]) - t.gather(2, a[..., None]))[..., 0]
+    def at(self, *idx: Tensor) -> list[Tensor]:
+        """Table entries at sorted positions idx (each [N, K]) → one [powers, N, K] per position."""
+        i = torch.cat(idx, -1)                                                    # [N, K·P]
+        N, KP = i.shape
+        pw = self.tab.shape[0]
+        if self.tab.shape[2] == 1:
+            g = self.tab[:, :, 0].gather(2, i[None].expand(pw, N, KP))
+        else:
+            K = idx[0].shape[1]
+            g = self.tab.gather(3, i.view(N, len(idx), K).transpose(1, 2)[None].expand(pw, N, K, len(idx)))
+            return list(g.unbind(-1))
+        return list(g.chunk(len(idx), -1))
+
+    def sums(self, a: Tensor, b: Tensor) -> Tensor:
+        """(count, Σv, Σv²) of the members with sorted index in [a, b): [3, N, K]."""
+        ta, tb = self.at(a, b)
+        return tb - ta
 
     def abs_sum(self, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         """Σ |v_i − c| over the set's members with sorted index in [a, b) (a ≤ b, all [N, K])."""
         t = torch.minimum(torch.maximum(self.find(c), a), b)
-        below = c * self.seg(self.c0, a, t) - self.seg(self.c1, a, t)
-        above = self.seg(self.c1, t, b) - c * self.seg(self.c0, t, b)
-        return below + above
+        ta, tt, tb = self.at(a, t, b)
+        lo, hi = tt - ta, tb - tt
+        return (c * lo[0] - lo[1]) + (hi[1] - c * hi[0])
 
 
 def _union_err(s: SortedRows, ivals: list[tuple[Tensor, Tensor]], order: int) -> Tensor:
     """err_order over the set's members in the union of disjoint sorted-index intervals: [N, K]."""
-    n = sum(s.seg(s.c0, a, b) for a, b in ivals)
-    s1 = sum(s.seg(s.c1, a, b) for a, b in ivals)
-    s2 = sum(s.seg(s.c2, a, b) for a, b in ivals)
+    n, s1, s2 = sum(s.sums(a, b) for a, b in ivals).unbind(0)
     mu = _safe_div(s1, n)
     sq = s2 - n * mu * mu
     a1 = _safe_div(sum(s.abs_sum(a, b, mu) for a, b in ivals), n)
@@ -89,11 +101,33 @@ def _union_err(s: SortedRows, ivals: list[tuple[Tensor, Tensor]], order: int) ->
     t = s.find(mu)                                              # first index with v ≥ μ₁
     hi = [(torch.maximum(a, t).clamp(max=b), b) for a, b in ivals]
     lo = [(a, torch.minimum(b, t).clamp(min=a)) for a, b in ivals]
-    npos = sum(s.seg(s.c0, a, b) for a, b in hi)
+    npos = sum(s.sums(a, b)[0] for a, b in hi)
     mu2 = _safe_div(-a1 * (2 * npos - n), n)
     # r' − μ₂ = v − (μ₁ ± α₁ + μ₂) on the v ≥ μ₁ / v < μ₁ parts
     a2 = sum(s.abs_sum(a, b, mu + a1 + mu2) for a, b in hi) + sum(s.abs_sum(a, b, mu - a1 + mu2) for a, b in lo)
     a2 = _safe_div(a2, n)
+    return err - n * mu2 * mu2 - n * a2 * a2
+
+
+def _whole_err(s: SortedRows, tot: Tensor, order: int) -> Tensor:
+    """err_order over all members of each set, [N, K]: `_union_err(s, [(0, n)], order)` with only the
+    three table lookups it needs (at t = first index ≥ μ₁ and at the two second-stage centres).
+    s.tab needs the count and Σv tables only; tot: [3, N, K] the member count, Σv and Σv²."""
+    n, s1, s2 = tot
+    mu = _safe_div(s1, n)
+    t = s.find(mu)
+    (at_t,) = s.at(t)
+    hi = tot[:2] - at_t                                          # count, Σv over members ≥ μ₁
+    a1 = _safe_div((mu * at_t[0] - at_t[1]) + (hi[1] - mu * hi[0]), n)
+    err = s2 - n * mu * mu - n * a1 * a1
+    if order == 1:
+        return err
+    mu2 = _safe_div(-a1 * (2 * hi[0] - n), n)
+    c_hi, c_lo = mu + a1 + mu2, mu - a1 + mu2                    # r' − μ₂ = v − c on the two sides of μ₁
+    at_h, at_l = s.at(torch.maximum(s.find(c_hi), t), torch.minimum(s.find(c_lo), t))
+    above = (c_hi * (at_h[0] - at_t[0]) - (at_h[1] - at_t[1])) + ((tot[1] - at_h[1]) - c_hi * (tot[0] - at_h[0]))
+    below = (c_lo * at_l[0] - at_l[1]) + ((at_t[1] - at_l[1]) - c_lo * (at_t[0] - at_l[0]))
+    a2 = _safe_div(above + below, n)
     return err - n * mu2 * mu2 - n * a2 * a2
 
 
@@ -130,14 +164,14 @@ def prefix_set_errors(w: Tensor, rank: Tensor, ks: Tensor, order: int, rows_per_
         kmax = int(ks.max())
         t = torch.arange(C + 1, device=w.device)
         step = (t[None, None, :] > rho[:, :kmax, None]).to(w.dtype)          # [R, i, t]: ρ_i < t
-        tables = []
-        for power in (0, 1, 2):
-            cum = (step * (wr[:, :kmax] ** power)[..., None]).cumsum(1)     # Σ_{i ≤ row} over members
-            tables.append(cum[:, ks - 1, :])                                 # [R, K, C + 1]
+        wk = wr[:, :kmax]
+        pw = torch.stack([torch.ones_like(wk), wk, wk * wk])                  # [3, R, i]
+        below = (ks[:, None] > torch.arange(kmax, device=w.device)[None, :]).to(w.dtype)   # [K, i]: i < k
+        tab = below @ (step[None] * pw[:2, ..., None])                         # [2, R, K, C + 1]
+        tot = pw @ below.T                                                     # [3, R, K]
         full = SortedRows.plain(wr)
-        inside = SortedRows(v, *tables)
-        rest = SortedRows(v, *(f - t for f, t in zip((full.c0, full.c1, full.c2), tables, strict=True)))
-        zero = torch.zeros(R, len(ks), dtype=torch.long, device=w.device)
-        end = torch.full_like(zero, C)
-        total += (_union_err(inside, [(zero, end)], order) + _union_err(rest, [(zero, end)], order)).sum(0)
+        row_tot = full.tab[:, :, 0, -1:]                                       # [3, R, 1]
+        inside = SortedRows(v, tab)
+        rest = SortedRows(v, full.tab[:2] - tab)
+        total += (_whole_err(inside, tot, order) + _whole_err(rest, row_tot - tot, order)).sum(0)
     return total

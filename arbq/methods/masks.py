@@ -10,7 +10,8 @@ Two interchangeable scorers rank the candidates:
   PlainScorer — BiLLM's plain sign binarizers and the weight error ‖W − Ŵ‖², in closed form
                 (`fastsearch`): exact and cheap; the default for every method.
   FitScorer   — the method's own group binarizers (with `search_iters` refinements) and either
-                the weight error or the output error tr(R S Rᵀ): what the reference code does.
+                the weight error or the output error tr(R S Rᵀ) (the reference's non-salient split
+                for ARB-X: its order-1 candidates with 0 refinements are the plain binarizer).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from arbq.methods.registry import GroupFit
 
 Tensor = torch.Tensor
 ErrFn = Callable[[Tensor], Tensor]      # residual [..., N, C] → error [...]
+Fixed = Callable[[], Tensor]             # the fit [N, C] of the columns a split leaves alone
 
 
 def weight_error(R: Tensor) -> Tensor:
@@ -37,11 +39,17 @@ def output_error(S: Tensor) -> ErrFn:
     return lambda R: ((R @ S) * R).sum((-1, -2))
 
 
-def column_scores(W: Tensor, d: Tensor | None, metric: str) -> Tensor:
-    """Salience per column: Σ_rows |W| ("magnitude") or Σ_rows W² / d² ("hessian", d = diag U)."""
+def salience_matrix(W: Tensor, d: Tensor | None, metric: str) -> Tensor:
+    """The matrix a metric ranks columns by, [N, C]: W itself ("magnitude") or W² / d² ("hessian",
+    d = diag U). The reference code also runs its whole mask search on it."""
     if metric == "magnitude" or d is None:
-        return W.abs().sum(0)
-    return (W * W / (d * d)[None, :]).sum(0)
+        return W
+    return W * W / (d * d)[None, :]
+
+
+def column_scores(W: Tensor, d: Tensor | None, metric: str) -> Tensor:
+    """Salience per column: Σ_rows |W| ("magnitude") or Σ_rows W² / d² ("hessian")."""
+    return salience_matrix(W, d, metric).abs().sum(0)
 
 
 def quantile_thresholds(values: Tensor, points: int) -> Tensor:
@@ -66,11 +74,10 @@ class PlainScorer:
         """[K] error of order2(salient) + order2(rest), salient = {j : rank_j < k} for k in ks."""
         return fs.prefix_set_errors(W, rank, ks, 2)
 
-    def split(self, W: Tensor, cols: Tensor, fixed: Tensor, order: int, points: int) -> Tensor:
-        """Group bit [N, C] on the columns `cols` ([C] bool): |w| ≥ best threshold."""
-        v = W[:, cols]
-        ps = quantile_thresholds(v.abs().flatten(), points)
-        p = ps[int(torch.argmin(fs.split_errors(v, ps, order)))]
+    def split(self, W: Tensor, cols: Tensor, fixed: Fixed, order: int, ps: Tensor) -> Tensor:
+        """Group bit [N, C] on the columns `cols` ([C] bool): |w| ≥ the best of the thresholds ps.
+        The weight error is a sum over groups, so the fit of the other columns (`fixed`) is not needed."""
+        p = ps[int(torch.argmin(fs.split_errors(W[:, cols], ps, order)))]
         return (W.abs() >= p) & cols[None, :]
 
 
@@ -93,17 +100,18 @@ class FitScorer:
             out.append(self.err(R))
         return torch.cat(out)
 
-    def split(self, W: Tensor, cols: Tensor, fixed: Tensor, order: int, points: int) -> Tensor:
+    def split(self, W: Tensor, cols: Tensor, fixed: Fixed, order: int, ps: Tensor) -> Tensor:
+        """As PlainScorer.split; `fixed()` is the fit [N, C] of the block's other columns."""
         N, C = W.shape
+        rest = W - fixed()
         fit = self.fit2 if order == 2 else self.fit1
         mag = W.abs()
         member = cols[None, :].expand(N, C)
-        ps = quantile_thresholds(mag[member], points)
         out = []
         for sl in _chunks(len(ps), N, C):
             big = (mag[None] >= ps[sl, None, None]) & member[None]
             small = member[None] & ~big
-            out.append(self.err(W - fixed - fit(W, big, self.iters).w_hat - fit(W, small, self.iters).w_hat))
+            out.append(self.err(rest - fit(W, big, self.iters).w_hat - fit(W, small, self.iters).w_hat))
         return (mag >= ps[int(torch.argmin(torch.cat(out)))]) & member
 
 

@@ -24,7 +24,6 @@ class Method:
     mean_form:    stores a mean μ per row and group (False for RC: ŵ = α_r·α_c·b)
     x_refine:     after the ARB iterations, refine row parameters against S = H[block, block]
     search:       choose salient columns and magnitude splits (BiLLM structure); False = one group
-    search_error: "weight" scores mask candidates by ‖W − Ŵ‖², "output" by tr(R S Rᵀ)
     uses_hessian: runs inside the GPTQ loop with Hessian error compensation
     """
 
@@ -34,7 +33,6 @@ class Method:
     mean_form: bool = True
     x_refine: bool = False
     search: bool = True
-    search_error: str = "weight"
     uses_hessian: bool = True
 
 
@@ -42,7 +40,7 @@ METHODS: dict[str, Method] = {
     "sign": Method("sign", bz.plain_order1, bz.plain_order2, search=False, uses_hessian=False),
     "billm": Method("billm", bz.plain_order1, bz.plain_order2),
     "arb": Method("arb", bz.arb_order1, bz.arb_order2),
-    "x": Method("x", bz.arb_order1, bz.arb_order2, x_refine=True, search_error="output"),
+    "x": Method("x", bz.arb_order1, bz.arb_order2, x_refine=True),
     "rc": Method("rc", bz.rc_order1, bz.rc_order2, mean_form=False),
 }
 
