@@ -84,7 +84,8 @@ def pack(
     runs: list[Path] = typer.Argument(..., help="One or more run directories written by `arbq binarize`."),
     out: Path = typer.Option(..., "-o", "--out", help="Packed model directory."),
     dtype: str = typer.Option("fp16", help="Dtype of unbinarized weights: fp16 | bf16 | fp32."),
-    scale_dtype: str = typer.Option("fp16", help="Dtype of scales and means: fp16 | bf16 | fp8."),
+    scale_dtype: str = typer.Option(None, help="Dtype of scales and means: fp16 | bf16 | fp8 (default: the "
+                                                "recipe's scale_dtype, fp16, which the fit was rounded to)."),
     json_out: Path = typer.Option(None, "--json", help="Write the size report as JSON."),
 ) -> None:
     """Write real 1-bit safetensors plus a config that says how to read them."""

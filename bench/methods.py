@@ -3,8 +3,8 @@
 Main methods (quality table): sign, billm, arb, x, rc, x+cgb, rc+cgb (plus "fp", the model itself).
 Reference block: for a family (rc+cgb, x+cgb) the reference-equivalent recipe of the reference code's
 best configuration (recipes/reference-*-hessian.yaml), one run per recipe key in which it differs from
-arbq's default (that key set to arbq's value, one change at a time), arbq's default, and the reference
-code's own default (magnitude salience).
+arbq's default (that key set to arbq's value, one change at a time), arbq's default, arbq's default with
+one option that is not the default (ABLATIONS), and the reference code's own default (magnitude salience).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ ALL_METHODS = (FP, *METHODS)
 # family -> (default recipe, reference-equivalent recipe, further reference recipes)
 REFERENCE = {"rc+cgb": ("rc-cgb", "reference-rc-cgb-hessian", ("reference-rc-cgb",)),
              "x+cgb": ("x-cgb", "reference-x-cgb-hessian", ("reference-x-cgb",))}
+# further one-change runs from arbq's default: options measured but not (yet) made the default
+ABLATIONS = {"rc+cgb": {"true_sequential": True}, "x+cgb": {"split_error": "output"}}
 # --quick: a smaller search so that a smoke test binarizes in about a minute (numbers not meaningful)
 QUICK_OVERRIDES = {"iters": 1, "x_iters": 1, "max_salient": 4, "split_points": 5}
 # recipe keys that `arbq binarize` accepts as flags (others need a recipe file)
@@ -87,5 +89,7 @@ def reference_runs(family: str, extra: dict) -> list[RunSpec]:
                  for k, v in diff.items()]
     note = "arbq default: " + ", ".join(f"{k}={v}" for k, v in diff.items())
     runs.append(RunSpec(family, default, dict(extra), note=note))
+    runs += [RunSpec(f"{family}@{k}={v}", default, {**extra, k: v}, note=f"arbq default, {k}={v}")
+             for k, v in ABLATIONS.get(family, {}).items()]
     runs += [RunSpec(o, o, dict(extra), note="the reference code's default configuration") for o in others]
     return runs

@@ -70,3 +70,25 @@ def test_bad_inputs_raise_clear_errors():
         binarize_linear(W, H[:10, :10], cfg)
     with pytest.raises(ArbqError, match="needs calibration"):
         binarize_linear(W, None, cfg)
+
+
+@pytest.mark.parametrize("scale_dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["rc", "x", "billm"])
+def test_fit_is_exactly_what_pack_stores(method, scale_dtype):
+    """Scales and means are rounded to the storage dtype inside the block loop, so the packed linear
+    dequantizes to exactly the fake-quant weight (and the error compensation saw those values)."""
+    from arbq.packed.codec import dequantize_packed, pack_linear
+    from arbq.packed.format import scheme_for
+
+    torch.manual_seed(0)
+    W = torch.randn(48, 80) * 0.05
+    X = torch.randn(256, 80)
+    cfg = BinarizeConfig(method=method, cgb=True, iters=3, x_iters=3, blocksize=32, scale_dtype=scale_dtype)
+    res, _ = binarize_linear(W, 2 / 256 * X.T @ X, cfg)
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[scale_dtype]
+    for t in (res.alpha, res.mu, res.col_scale):
+        assert torch.equal(t, t.to(dt).float())
+    packed = pack_linear(res, scheme_for(method, True), scale_dtype)
+    assert torch.equal(dequantize_packed(packed), res.dequantize())
+    unrounded, _ = binarize_linear(W, 2 / 256 * X.T @ X, cfg.replace(scale_dtype="fp32"))
+    assert not torch.equal(unrounded.alpha, unrounded.alpha.to(dt).float())

@@ -87,6 +87,24 @@ def choose_masks(W: Tensor, d: Tensor | None, S: Tensor | None, method: Method, 
     return salient, group
 
 
+SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:
+    """Round α, μ and the column scales to scale_dtype (values kept in float32) and recompute
+    ŵ = μ + α₁c₁s¹ + k·α₂c₂s² from the rounded values: what `arbq pack` will store."""
+    if scale_dtype == "fp32":
+        return fit
+    from arbq.methods.result import LinearResult
+
+    dt = SCALE_DTYPES[scale_dtype]
+    rnd = lambda x: x.to(dt).float()  # noqa: E731
+    alpha, mu, col = rnd(fit.alpha), rnd(fit.mu), rnd(fit.col_scale)
+    res = LinearResult(fit.sign1, fit.sign2, fit.group, fit.salient, alpha[:, None], mu[:, None], col,
+                       blocksize=fit.w_hat.shape[1])
+    return BlockFit(res.dequantize(), fit.sign1, fit.sign2, fit.group, fit.salient, alpha, mu, col)
+
+
 def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,
               cfg: BinarizeConfig) -> BlockFit:
     """Fit every non-empty (kind, group) of the block with the method's binarizers (cfg.iters ARB

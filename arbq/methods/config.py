@@ -36,6 +36,8 @@ class BinarizeConfig:
                    salience-transformed matrix (W²/U_jj² for hessian, W for magnitude), as the reference
     split_quantiles: "members": split thresholds are quantiles of |w| over the group's own weights;
                    "with_zeros": the non-salient thresholds include the zeroed salient columns (reference)
+    scale_dtype:   scales and means are rounded to this dtype (fp16 | bf16 | fp32) as each block is
+                   fitted, so the error compensation, model-fake and `arbq pack` all see the stored values
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -55,6 +57,7 @@ class BinarizeConfig:
     split_points: int = 81
     search_on: str = "weight"
     split_quantiles: str = "members"
+    scale_dtype: str = "fp16"
     sequential: bool = True
     true_sequential: bool = False
 
@@ -76,7 +79,7 @@ class BinarizeConfig:
         if self.search_fit not in ("plain", "method"):
             raise ArbqError(f"unknown search_fit {self.search_fit!r}; choose plain or method")
         for key, allowed in (("search_on", ("weight", "salience")), ("split_quantiles", ("members", "with_zeros")),
-                             ("split_error", ("weight", "output"))):
+                             ("split_error", ("weight", "output")), ("scale_dtype", ("fp16", "bf16", "fp32"))):
             if getattr(self, key) not in allowed:
                 raise ArbqError(f"unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
         if self.salient not in ("hessian", "magnitude"):

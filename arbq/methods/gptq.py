@@ -16,7 +16,7 @@ import time
 import torch
 
 from arbq.errors import ArbqError
-from arbq.methods.block import BlockFit, choose_masks, fit_block
+from arbq.methods.block import BlockFit, choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import get_method
 from arbq.methods.result import LinearResult
@@ -83,7 +83,7 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         d = torch.diag(U)[s:e] if U is not None else None
         S = H[s:e, s:e] if H is not None else None
         salient, group = choose_masks(Wb, d, S, method, cfg)
-        fit = fit_block(Wb, salient, group, S, method, cfg)
+        fit = round_scales(fit_block(Wb, salient, group, S, method, cfg), cfg.scale_dtype)
         blocks.append(fit)
         if U is not None:
             err = (Wb - fit.w_hat) / d[None, :]

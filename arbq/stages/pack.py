@@ -114,16 +114,20 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str = "fp16",
+def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str | None = None,
              json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
-    """Pack the runs into `out`; returns (and prints, and optionally writes) the size report."""
+    """Pack the runs into `out`; returns (and prints, and optionally writes) the size report.
+    scale_dtype None = the recipe's (the dtype the fit rounded its scales to; runs older than that
+    option: fp16)."""
     if dtype not in DTYPES:
         raise ArbqError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    scale_dtype_of(scale_dtype)
+    if scale_dtype is not None:
+        scale_dtype_of(scale_dtype)
     out = Path(out)
     _check_out(out)
     info, owner = plan_runs([Path(r) for r in runs])
     recipe = info["recipe"]
+    scale_dtype = scale_dtype or recipe.get("scale_dtype", "fp16")
     scheme = scheme_for(recipe["method"], recipe.get("cgb", False))
     ref = resolve(info["model"])
     model, spec = load_model(ref, dtype=DTYPES[dtype])
