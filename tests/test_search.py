@@ -7,7 +7,7 @@ from arbq.methods import binarizers as bz
 from arbq.methods import fastsearch as fs
 from arbq.methods import masks as mk
 from arbq.methods.block import choose_masks, fit_block
-from arbq.methods.config import BinarizeConfig
+from arbq.methods.config import RECIPES_DIR, BinarizeConfig, load_recipe
 from arbq.methods.registry import METHODS
 
 
@@ -140,3 +140,14 @@ def test_search_on_weight_differs_from_salience_search():
     ns = ~ours[0][None, :].expand_as(w)
     inside, outside = w.abs()[ns & ours[1]], w.abs()[ns & ~ours[1]]
     assert inside.min() >= outside.max()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_loads_and_reference_recipes_are_faithful(name):
+    """Each recipe is a valid config; the reference-equivalents hold the reference code's choices."""
+    cfg = load_recipe(name)
+    if name.startswith("reference-"):
+        assert (cfg.search_fit, cfg.search_on, cfg.split_quantiles, cfg.true_sequential) == \
+            ("plain", "salience", "with_zeros", False)
+        assert cfg.salient == ("hessian" if name.endswith("-hessian") else "magnitude")
+        assert cfg.split_error == ("output" if cfg.method == "x" else "weight")
