@@ -14,6 +14,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Binary (1-bit) post-training quantization of LLMs: calibrate → binarize → pack → eval.")
 
 
+OFFLOAD_HELP = "Calibration activations between layers: device | cpu | disk (a scratch file under the output dir)."
+LAZY_HELP = "Read one decoder layer at a time from safetensors (other formats: full load)."
+
+
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
@@ -28,12 +32,16 @@ def calibrate(
     seed: int = typer.Option(0, help="Sampling seed."),
     stats: bool = typer.Option(True, help="Also write per-layer full-precision Hessians."),
     resume: bool = typer.Option(False, help="Continue at the first missing layer."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    offload_activations: str = typer.Option("cpu", help=OFFLOAD_HELP),
+    hessian_dtype: str = typer.Option("float32", help="Hessian accumulation dtype: float32 | float64."),
+    lazy: bool = typer.Option(True, help=LAZY_HELP),
 ) -> None:
     """Sample calibration windows and write per-layer Hessian statistics."""
     from arbq.stages.calibrate import run_calibrate
 
-    run_calibrate(model, out, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                  stats=stats, resume=resume)
+    run_calibrate(model, out, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed, stats=stats, resume=resume,
+                  device=device, offload=offload_activations, hessian_dtype=hessian_dtype, lazy=lazy)
 
 
 @app.command()
@@ -65,6 +73,10 @@ def binarize(
     layers: str = typer.Option(None, help="Only layers A:B (a shard of the job)."),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
     resume: bool = typer.Option(False, help="Continue at the first layer without a complete file."),
+    offload_activations: str = typer.Option("cpu", help=OFFLOAD_HELP),
+    hessian_dtype: str = typer.Option(None, help="Hessian accumulation dtype: float32 (default) | float64; "
+                                                 "with --no-sequential the calibration's."),
+    lazy: bool = typer.Option(True, help=LAZY_HELP),
 ) -> None:
     """Binarize every decoder layer's linears; writes per-layer results, report.jsonl and model-fake/."""
     from arbq.methods.config import load_recipe
@@ -76,7 +88,8 @@ def binarize(
         blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
         split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                 layers=layers, device=device, resume=resume)
+                 layers=layers, device=device, resume=resume, offload=offload_activations,
+                 hessian_dtype=hessian_dtype, lazy=lazy)
 
 
 @app.command()

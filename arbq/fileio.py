@@ -11,7 +11,8 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,58 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info
     meta = {"arbq": json.dumps(info, sort_keys=True)} if info is not None else None
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header dict, offset where tensor data starts) of a safetensors file, without mapping it."""
+    try:
+        with open(path, "rb") as f:
+            size = f.read(8)
+            n = struct.unpack("<Q", size)[0] if len(size) == 8 else -1
+            raw = f.read(n) if 0 < n < 1 << 30 else b""
+        header = json.loads(raw) if raw and len(raw) == n else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ArbqError(f"corrupt or truncated safetensors file {path}")
+    return header, 8 + n
+
+
+def copy_tensors(src: str | os.PathLike, dst: str | os.PathLike,
+                 replace: Callable[[str, torch.dtype], torch.Tensor | None], chunk: int = 1 << 24) -> None:
+    """Copy the safetensors file `src` to `dst` atomically, one tensor at a time: where
+    `replace(key, stored dtype)` returns a tensor (same dtype and shape) it is written instead, every
+    other tensor is copied as raw bytes in chunks; the metadata gains "format": "pt" (transformers wants it).
+    Only one tensor (or chunk) is in memory at a time, and `src` is not memory-mapped."""
+    header, start = read_header(src)
+    header["__metadata__"] = {**header.get("__metadata__", {}), "format": "pt"}
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with atomic_path(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
+        fout.write(struct.pack("<Q", len(head)) + head)
+        for key, e in entries:
+            begin, end = e["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(e["dtype"])
+            t = replace(key, dtype) if dtype is not None else None
+            if t is not None:
+                if list(t.shape) != list(e["shape"]) or t.dtype != dtype:
+                    raise ArbqError(f"{key}: replacement {tuple(t.shape)} {t.dtype} does not match {src}")
+                fout.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                continue
+            fin.seek(start + begin)
+            left = end - begin
+            while left > 0:
+                block = fin.read(min(chunk, left))
+                if not block:
+                    raise ArbqError(f"corrupt or truncated safetensors file {src}")
+                fout.write(block)
+                left -= len(block)
 
 
 def read_info(path: str | os.PathLike) -> dict | None:

@@ -4,7 +4,9 @@
 enter it plus the keyword arguments the model passes to every layer (position embeddings, masks).
 `forward_layer` then maps those hidden states through any one layer, and `accumulate_hessians`
 does the same while summing xᵀx of the inputs of chosen linears (forward hooks).
-Only one layer's activations are held at a time: [n, S, D] in, [n, S, D] out.
+Only one layer's activations are held at a time: n × [S, D] in, n × [S, D] out, each an
+`Activations` store (device, CPU or disk: arbq.models.activations); plain [n, S, D] tensors work too
+(outputs then come back as [n, S, D] float32 CPU tensors). Samples go through the layer one at a time.
 """
 
 from __future__ import annotations
@@ -15,17 +17,30 @@ import torch
 from torch import nn
 
 from arbq.errors import ArbqError
+from arbq.models.activations import Activations, TensorActivations
+
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class _Stop(Exception):
     pass
 
 
+def hessian_dtype(name: str) -> torch.dtype:
+    """torch dtype for `--hessian-dtype name` (float32 | float64)."""
+    try:
+        return HESSIAN_DTYPES[name]
+    except KeyError:
+        raise ArbqError(f"unknown --hessian-dtype {name!r}; choose one of: {', '.join(HESSIAN_DTYPES)}") from None
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device: str = "cpu"
-                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states entering layer 0 for each sample: ([n, S, D] float32 on CPU, layer kwargs)."""
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tensor, device: str = "cpu",
+                   out: Activations | None = None) -> tuple[Activations | torch.Tensor, dict[str, Any]]:
+    """Hidden states entering layer 0 for each sample of `samples` [n, S] (float32 into `out`; without
+    it a [n, S, D] CPU tensor), and the layer kwargs. Everything before layer 0 must be on `device`."""
     store: dict[str, Any] = {}
+    acts = out if out is not None else TensorActivations(samples.shape[0], "cpu")
 
     def hook(_mod, args, kwargs):
         store["x"] = args[0] if args else kwargs["hidden_states"]
@@ -33,20 +48,19 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: torch.Tenso
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    outs = []
     try:
         for i in range(samples.shape[0]):
             try:
                 model(samples[i: i + 1].to(device), use_cache=False)
             except _Stop:
                 pass
-            outs.append(store.pop("x").float().cpu())
+            acts.put(i, store.pop("x")[0].float())
     finally:
         handle.remove()
     kwargs = store["kwargs"]
     for key in ("past_key_value", "past_key_values", "use_cache", "output_attentions"):
         kwargs.pop(key, None)
-    return torch.cat(outs), kwargs
+    return (acts if out is not None else acts.data), kwargs
 
 
 def _to(obj: Any, device: str) -> Any:
@@ -58,27 +72,38 @@ def _to(obj: Any, device: str) -> Any:
 
 
 @torch.no_grad()
-def forward_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], device: str = "cpu",
-                  name: str = "layer") -> torch.Tensor:
-    """Outputs [n, S, D] (float32, CPU) of `layer` for inputs x: [n, S, D], one sample at a time."""
+def forward_layer(layer: nn.Module, x: Activations | torch.Tensor, kwargs: dict[str, Any], device: str = "cpu",
+                  name: str = "layer", out: Activations | None = None, keep: bool = True
+                  ) -> Activations | torch.Tensor | None:
+    """Outputs of `layer` for inputs x (n × [S, D]), one sample at a time, into `out` (a CPU [n, S, D]
+    tensor when x is a tensor); with keep=False they are only checked, not stored, and None is returned."""
+    plain = isinstance(x, torch.Tensor)
+    xs = TensorActivations(0, data=x) if plain else x
+    if keep and out is None:
+        if not plain:
+            raise ValueError("forward_layer: give `out` for an Activations input")
+        out = TensorActivations(len(xs), "cpu")
     kw = _to(kwargs, device)
     dtype = next(layer.parameters()).dtype
-    out = torch.empty_like(x)
-    for i in range(x.shape[0]):
-        y = layer(x[i: i + 1].to(device, dtype), **kw)
-        y = y[0] if isinstance(y, tuple | list) else y
-        out[i] = y[0].float().cpu()
-    if not torch.isfinite(out).all():
-        raise ArbqError(f"{name}: non-finite activations (NaN/Inf) in the layer output")
-    return out
+    for i in range(len(xs)):
+        y = layer(xs.get(i)[None].to(device, dtype), **kw)
+        y = (y[0] if isinstance(y, tuple | list) else y)[0].float()
+        if not torch.isfinite(y).all():
+            raise ArbqError(f"{name}: non-finite activations (NaN/Inf) in the layer output")
+        if keep:
+            out.put(i, y)
+    if not keep:
+        return None
+    return out.data if plain else out
 
 
 @torch.no_grad()
-def accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], x: torch.Tensor,
+def accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], x: Activations | torch.Tensor,
                         kwargs: dict[str, Any], device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        name: str = "layer") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """H = (2/n) Σ xᵀx over all n calibration tokens of each named linear's input, and the layer
-    output. Returns ({name: H [K, K] on CPU}, outputs [n, S, D])."""
+                        name: str = "layer", out: Activations | None = None, keep: bool = True
+                        ) -> tuple[dict[str, torch.Tensor], Activations | torch.Tensor | None]:
+    """H = (2/n) Σ xᵀx over all n calibration tokens of each named linear's input, summed in `dtype` on
+    `device`, and the layer outputs (see forward_layer). Returns ({name: H [K, K] float32 CPU}, outputs)."""
     sums = {k: torch.zeros(m.in_features, m.in_features, dtype=dtype, device=device) for k, m in linears.items()}
     count = {"n": 0}
 
@@ -93,7 +118,7 @@ def accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], x: torc
     first = next(iter(linears))
     handles = [m.register_forward_pre_hook(make_hook(k)) for k, m in linears.items()]
     try:
-        out = forward_layer(layer, x, kwargs, device, name)
+        y = forward_layer(layer, x, kwargs, device, name, out=out, keep=keep)
     finally:
         for h in handles:
             h.remove()
@@ -102,4 +127,4 @@ def accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], x: torc
     for k, h in hess.items():
         if not torch.isfinite(h).all():
             raise ArbqError(f"{name}.{k}: Hessian has NaN/Inf")
-    return hess, out
+    return hess, y

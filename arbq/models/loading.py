@@ -67,6 +67,21 @@ def load_tokenizer(ref: ModelRef):
         raise _hub_error(ref, e) from None
 
 
+def check_device(device: str) -> torch.device:
+    """torch.device for `--device` (cpu, cuda, cuda:N); one-line ArbqError if malformed or unavailable."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ArbqError(f"bad --device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ArbqError(f"bad --device {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArbqError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArbqError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Module, ArchSpec]:
     """Load a causal LM on CPU in eval mode, after checking its architecture is supported.
     dtype "auto" keeps the checkpoint's dtype (stages lift one layer at a time to float32)."""

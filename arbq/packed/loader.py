@@ -12,9 +12,7 @@ assigns the tensors (safetensors only: nothing is unpickled).
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 
 from arbq.errors import ArbqError
 from arbq.fileio import read_json, verify_hashes
+from arbq.models.lazy import params_on_meta
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import validate_packed
 from arbq.packed.format import FORMAT_VERSION, QUANT_METHOD, LinearSpec, scheme_for
@@ -159,23 +158,6 @@ def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dty
         except (SafetensorError, OSError) as e:
             raise ArbqError(f"corrupt or truncated safetensors file {f}: {e}") from None
     return out
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (buffers such as rotary tables stay real)."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = to_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,

@@ -6,6 +6,8 @@ already-binarized layers 0..i-1, re-running each finished layer once on the cali
 are then independent, so `--layers A:B` can shard the job across machines.
 Files: see `arbq.stages.run_dir`. Each layer file is written atomically; `--resume` starts at the
 first layer without a complete file and reproduces an uninterrupted run bit for bit.
+Memory: a safetensors model is read one decoder layer at a time (arbq.models.lazy) and model-fake/ is
+streamed tensor by tensor; sequential activations live on the device, in CPU memory or on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from arbq.methods.gptq import binarize_linear
 from arbq.methods.result import LinearResult
 from arbq.models import arch as archmod
 from arbq.models import layerwise
-from arbq.models.loading import load_config, load_model, resolve
+from arbq.models.activations import check_offload, scratch
+from arbq.models.lazy import LayerwiseModel, open_layerwise
+from arbq.models.loading import check_device, load_config, resolve
 from arbq.stages import calibrate as cal
 from arbq.stages.fake_model import write_fake_model
 from arbq.stages.run_dir import RUN_FORMAT, RunDir
@@ -60,55 +64,76 @@ def _prepare_calib(run: RunDir, model: str, calib: Path | None, cfg: BinarizeCon
     return target
 
 
+def _hessian_dtype(cfg: BinarizeConfig, flag: str | None, manifest: dict, calib_dir: Path) -> str:
+    """The dtype Hessians are summed in: the flag (float32 by default) when sequential; with
+    --no-sequential the statistics come from `calibrate`, so it is the calibration's."""
+    if cfg.sequential:
+        name = flag or "float32"
+    else:
+        name = (manifest.get("params") or {}).get("hessian_dtype", "float32")
+        if flag is not None and flag != name:
+            raise ArbqError(f"--hessian-dtype {flag} differs from the statistics in {calib_dir} ({name}); "
+                            f"recalibrate with `arbq calibrate --hessian-dtype {flag}`")
+    layerwise.hessian_dtype(name)
+    return name
+
+
 def _check_run(run: RunDir, info: dict, resume: bool) -> None:
     if run.run_json.is_file():
-        old = run.info()
+        old = {"hessian_dtype": "float32", **run.info()}
         if not resume:
             raise ArbqError(f"{run.root} already holds a run; pass --resume to continue it or choose a new -o")
-        for key in ("model", "recipe", "calib"):
+        for key in ("model", "recipe", "calib", "hessian_dtype"):
             if old.get(key) != info.get(key):
                 raise ArbqError(f"cannot resume {run.root}: its {key} differs ({old.get(key)} vs {info.get(key)})")
 
 
 def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None = None, data: str = "wikitext2",
                  nsamples: int = 128, seqlen: int = 2048, seed: int = 0, layers: str | None = None,
-                 device: str = "cpu", resume: bool = False) -> list[dict]:
-    """Binarize `model` into the run dir `out`; returns the report rows."""
+                 device: str = "cpu", resume: bool = False, offload: str = "cpu", hessian_dtype: str | None = None,
+                 lazy: bool = True) -> list[dict]:
+    """Binarize `model` into the run dir `out`; returns the report rows. hessian_dtype None: float32 (or,
+    with --no-sequential, the calibration's)."""
     run = RunDir(Path(out))
     ref = resolve(model)
+    check_device(device)
+    check_offload(offload)
     spec = archmod.arch_for(load_config(ref).model_type)
     if layers and cfg.sequential:
         raise ArbqError("--layers needs --no-sequential (sequential layers depend on the ones before)")
+    if hessian_dtype is not None:
+        layerwise.hessian_dtype(hessian_dtype)
     calib_dir = _prepare_calib(run, model, calib, cfg, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                               device=device)
+                               device=device, offload=offload, hessian_dtype=hessian_dtype or "float32", lazy=lazy)
     samples, manifest = cal.load_samples(calib_dir)
-    net, _ = load_model(ref)
+    hname = _hessian_dtype(cfg, hessian_dtype, manifest, calib_dir)
+    net = open_layerwise(ref, lazy=lazy)
     if int(samples.max()) >= net.config.vocab_size:
         raise ArbqError(f"calibration {calib_dir} has token ids beyond this model's vocabulary "
                         f"({int(samples.max())} >= {net.config.vocab_size}): it was made for another tokenizer")
-    blocks = archmod.decoder_layers(net, spec)
-    todo_range = parse_layers(layers, len(blocks))
+    todo_range = parse_layers(layers, len(net))
     info = {"format": RUN_FORMAT, "model": str(ref), "model_type": net.config.model_type,
-            "num_layers": len(blocks), "linears": list(spec.linears), "groups": [list(g) for g in spec.groups],
-            "recipe": cfg.to_dict(), "calib": {"dir": str(calib_dir),
-                                                "manifest_sha256": sha256_file(calib_dir / "manifest.json"),
-                                                "params": manifest.get("params")}}
+            "num_layers": len(net), "linears": list(spec.linears), "groups": [list(g) for g in spec.groups],
+            "recipe": cfg.to_dict(), "hessian_dtype": hname,
+            "calib": {"dir": str(calib_dir), "manifest_sha256": sha256_file(calib_dir / "manifest.json"),
+                      "params": manifest.get("params")}}
     _check_run(run, info, resume)
-    write_json(run.run_json, {**info, "layers": [todo_range.start, todo_range.stop]})
+    runtime = {"device": device, "offload_activations": offload, "lazy": net.lazy}
+    write_json(run.run_json, {**info, "layers": [todo_range.start, todo_range.stop], "runtime": runtime})
     missing = [i for i in todo_range if not run.layer_complete(i)]
     t_start = time.perf_counter()
     if missing:
         console.print(f"binarize {ref} with {cfg.method}{'+cgb' if cfg.cgb else ''}: layers "
-                      f"{missing[0]}..{todo_range.stop - 1} of {len(blocks)} "
+                      f"{missing[0]}..{todo_range.stop - 1} of {len(net)} "
                       f"({len(todo_range) - len(missing)} already done); embeddings, norms and lm_head stay "
                       f"full precision")
         if cfg.sequential:
-            _sequential(net, spec, blocks, samples, run, cfg, missing, device)
+            _sequential(net, samples, run, cfg, missing, device, offload, layerwise.hessian_dtype(hname))
         else:
-            _independent(blocks, spec, calib_dir, run, cfg, missing, device)
-    rows = run.rebuild_report(len(blocks))
-    if all(run.layer_complete(i) for i in range(len(blocks))) and not (run.fake_dir / "config.json").is_file():
-        write_fake_model(ref, run, spec)
+            _independent(net, calib_dir, run, cfg, missing, device)
+    rows = run.rebuild_report(len(net))
+    if all(run.layer_complete(i) for i in range(len(net))) and not (run.fake_dir / "config.json").is_file():
+        write_fake_model(ref, run, spec, net=net if net.lazy else None)
     console.print(f"done in {time.perf_counter() - t_start:.1f} s → {run.root}")
     return rows
 
@@ -143,51 +168,55 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def _hessian_source(layer, lin, spec, x, kwargs, device: str, i: int, true_sequential: bool):
+def _hessian_source(layer, lin, spec, x, kwargs, device: str, i: int, true_sequential: bool, dtype: torch.dtype):
     """hess_for(group) → {name: H}: per group from the partly binarized layer (true-sequential),
     or every group from one full-precision pass (the reference's order)."""
     if true_sequential:
         def per_group(group):
-            h, _ = layerwise.accumulate_hessians(layer, {group[0]: lin[group[0]]}, x, kwargs, device,
-                                                 name=f"layer {i}")
+            h, _ = layerwise.accumulate_hessians(layer, {group[0]: lin[group[0]]}, x, kwargs, device, dtype,
+                                                 name=f"layer {i}", keep=False)
             return {n: h[group[0]] for n in group}
         return per_group
-    h, _ = layerwise.accumulate_hessians(layer, {g[0]: lin[g[0]] for g in spec.groups}, x, kwargs, device,
-                                         name=f"layer {i}")
+    h, _ = layerwise.accumulate_hessians(layer, {g[0]: lin[g[0]] for g in spec.groups}, x, kwargs, device, dtype,
+                                         name=f"layer {i}", keep=False)
     full = {n: h[g[0]] for g in spec.groups for n in g}
     return lambda group: full
 
 
-def _sequential(net, spec, blocks, samples, run: RunDir, cfg: BinarizeConfig, missing: list[int],
-                device: str) -> None:
-    x, kwargs = layerwise.capture_inputs(net, blocks, samples)
-    with _progress() as prog:
-        task = prog.add_task("binarize", total=len(blocks))
-        for i, layer in enumerate(blocks):
-            dtype = next(layer.parameters()).dtype
-            layer.to(device, torch.float32)
+def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, missing: list[int],
+                device: str, offload: str, hdtype: torch.dtype) -> None:
+    spec = net.spec
+    with scratch(run.root, offload, device) as acts, _progress() as prog:
+        net.load_stem(device)
+        x, kwargs = layerwise.capture_inputs(net.model, net.layers, samples, device, out=acts.new(len(samples)))
+        net.free_stem()
+        task = prog.add_task("binarize", total=len(net))
+        for i in range(len(net)):
+            layer = net.load_layer(i, device)
             lin = archmod.layer_linears(layer, spec)
             if i not in missing:
                 _apply(layer, lin, run.read_layer(i, list(spec.linears)))
             else:
-                hess_for = _hessian_source(layer, lin, spec, x, kwargs, device, i, cfg.true_sequential)
+                hess_for = _hessian_source(layer, lin, spec, x, kwargs, device, i, cfg.true_sequential, hdtype)
                 results, rows = _binarize_layer(i, layer, spec, hess_for, cfg, device, prog, task)
                 run.write_layer(i, results, rows)
-            if i < len(blocks) - 1:
-                x = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}")
-            layer.to("cpu", dtype)
+            if i < len(net) - 1:
+                y = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}", out=acts.new(len(samples)))
+                x.close()
+                x = y
+            net.free_layer(i)
             prog.advance(task)
 
 
-def _independent(blocks, spec, calib_dir: Path, run: RunDir, cfg: BinarizeConfig, missing: list[int],
+def _independent(net: LayerwiseModel, calib_dir: Path, run: RunDir, cfg: BinarizeConfig, missing: list[int],
                  device: str) -> None:
     with _progress() as prog:
         task = prog.add_task("binarize", total=len(missing))
         for i in missing:
-            full = cal.load_layer_stats(calib_dir, i, spec.groups)
-            dtype = next(blocks[i].parameters()).dtype
-            layer = blocks[i].to(device, torch.float32)
-            results, rows = _binarize_layer(i, layer, spec, lambda group, full=full: full, cfg, device, prog, task)
-            layer.to("cpu", dtype)
+            full = cal.load_layer_stats(calib_dir, i, net.spec.groups)
+            layer = net.load_layer(i, device)
+            results, rows = _binarize_layer(i, layer, net.spec, lambda group, full=full: full, cfg, device, prog,
+                                            task)
+            net.free_layer(i)
             run.write_layer(i, results, rows)
             prog.advance(task)

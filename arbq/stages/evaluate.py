@@ -27,22 +27,10 @@ from torch import nn
 from arbq.data import NAMED, load_text, tokenize
 from arbq.errors import ArbqError
 from arbq.fileio import library_versions, read_json, write_json
-from arbq.models.loading import ModelRef, load_model, load_tokenizer, max_context, resolve
+from arbq.models.loading import ModelRef, check_device, load_model, load_tokenizer, max_context, resolve
 from arbq.stages.perplexity import PROTOCOL, perplexity
 
 EVAL_SPLIT = "test"
-
-
-def _device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ArbqError(f"bad --device {device!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ArbqError(f"--device {device}: CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ArbqError(f"bad --device {device!r}: expected cpu, cuda or cuda:N")
-    return dev
 
 
 def is_packed(path: Path) -> bool:
@@ -55,7 +43,7 @@ def is_packed(path: Path) -> bool:
 
 def load_for_eval(model: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode on `device`, tokenizer). HF models load in float32."""
-    dev = _device(device)
+    dev = check_device(device)
     path = Path(model).expanduser()
     if path.is_dir() and is_packed(path):
         from arbq import packed

@@ -1,28 +1,77 @@
-"""RUN/model-fake: a plain HF dir whose binarized linears hold the dequantized weights Ŵ."""
+"""RUN/model-fake: a plain HF dir whose binarized linears hold the dequantized weights Ŵ.
+
+Eager: load the whole model, overwrite the linears, `save_pretrained`. Streamed (a lazily loaded
+safetensors model): every checkpoint file is copied tensor by tensor under the same name (index file
+too), binarized weights replaced by Ŵ in the stored dtype, so only one tensor is in memory at a time.
+Both give the same tensors and config.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
+from arbq.fileio import copy_tensors
+from arbq.methods.result import LinearResult
 from arbq.models import arch as archmod
+from arbq.models.lazy import INDEX, LazyModel
 from arbq.models.loading import ModelRef, load_model, load_tokenizer
 from arbq.stages.run_dir import RunDir
 
 
 @torch.no_grad()
-def write_fake_model(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec) -> None:
-    """Load the original model, overwrite every binarized linear with Ŵ, save atomically."""
+def write_fake_model(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, net: LazyModel | None = None) -> None:
+    """Write RUN/model-fake atomically; streamed from the checkpoint when `net` (lazy) is given."""
+    tmp = run.fake_dir.with_name(run.fake_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if net is None:
+            _save_eager(ref, run, spec, tmp)
+        else:
+            _save_streamed(net, run, tmp)
+        load_tokenizer(ref).save_pretrained(str(tmp))
+        os.replace(tmp, run.fake_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_eager(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, tmp: Path) -> None:
     model, _ = load_model(ref)
     for i, layer in enumerate(archmod.decoder_layers(model, spec)):
         lin = archmod.layer_linears(layer, spec)
         for name, res in run.read_layer(i, list(spec.linears)).items():
             lin[name].weight.copy_(res.dequantize().to(lin[name].weight.dtype))
-    tmp = run.fake_dir.with_name(run.fake_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(str(tmp))
-    load_tokenizer(ref).save_pretrained(str(tmp))
-    os.replace(tmp, run.fake_dir)
+
+
+def _save_streamed(net: LazyModel, run: RunDir, tmp: Path) -> None:
+    spec = net.spec
+    linears = list(spec.linears)
+    binarized = {net.keymap[f"{spec.layers}.{i}.{name}.weight"]: (i, name)
+                 for i in range(len(net)) for name in linears}
+    cache: dict[int, dict[str, LinearResult]] = {}
+
+    def dequantized(i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if i not in cache:
+            cache.clear()
+            cache[i] = run.read_layer(i, linears)
+        return cache[i][name].dequantize().to(dtype)
+
+    root = next(iter(net.files.values())).parent
+    tmp.mkdir(parents=True)
+    for path in sorted(set(net.files.values())):
+        copy_tensors(path, tmp / path.name,
+                     lambda key, dtype: dequantized(*binarized[key], dtype) if key in binarized else None)
+    if (root / INDEX).is_file():
+        shutil.copyfile(root / INDEX, tmp / INDEX)
+    config = copy.deepcopy(net.model.config)
+    config.use_cache = True
+    config.architectures = [type(net.model).__name__]
+    config.save_pretrained(str(tmp))
+    if (root / "generation_config.json").is_file():
+        shutil.copyfile(root / "generation_config.json", tmp / "generation_config.json")
