@@ -60,3 +60,16 @@ def test_real_run_files_and_report(real_runs):
     assert len(rows) == 30 * 7
     assert all(0 < r["output_err"] < 1 and 0 < r["salient_frac"] < 0.5 for r in rows)
     assert len(list((run / "layers").glob("layer_*.safetensors"))) == 30
+
+
+def test_real_packed_model_matches_fake_quant(real_runs, held_out_ppl, botchan, tmp_path):
+    """`arbq pack` of the real rc+cgb run runs from the bits and gives the fake-quant perplexity to
+    4 significant digits (scales were rounded to fp16 inside the fit, so both hold the same weights)."""
+    from arbq.stages.pack import run_pack
+
+    packed = tmp_path / "packed"
+    report = run_pack([real_runs["rc-cgb"]], packed)
+    assert report["binarized"]["bpw_honest"] < 3.2
+    row = run_eval(str(packed), ppl=[f"{botchan}{HELD_OUT}"], tasks=[], seqlen=2048)["perplexity"][0]
+    fake = held_out_ppl["rc-cgb"]
+    assert row["ppl"] == pytest.approx(fake, rel=5e-5)       # 4 significant digits, with margin
