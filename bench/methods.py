@@ -77,9 +77,9 @@ def main_runs(names: list[str], extra: dict) -> list[RunSpec]:
     return [RunSpec(n, METHODS[n][0], {**METHODS[n][1], **extra}) for n in names if n != FP]
 
 
-def reference_runs(family: str, extra: dict, others: bool = False) -> list[RunSpec]:
-    """[reference-equivalent, reference with one arbq change per differing key..., arbq default, ablations,
-    (with `others`) further reference recipes] for a family (e.g. rc+cgb)."""
+def reference_runs(family: str, extra: dict, others: bool = False, ablations: bool = True) -> list[RunSpec]:
+    """[reference-equivalent, reference with one arbq change per differing key..., arbq default, (with
+    `ablations`) the ABLATIONS runs, (with `others`) further reference recipes] for a family (e.g. rc+cgb)."""
     default, ref, more = REFERENCE[family]
     d, r = load_recipe(default).to_dict(), load_recipe(ref).to_dict()
     diff = {k: d[k] for k in d if d[k] != r[k]}
@@ -90,6 +90,6 @@ def reference_runs(family: str, extra: dict, others: bool = False) -> list[RunSp
     note = "arbq default: " + ", ".join(f"{k}={v}" for k, v in diff.items())
     runs.append(RunSpec(family, default, dict(extra), note=note))
     runs += [RunSpec(f"{family}@{k}={v}", default, {**extra, k: v}, note=f"arbq default, {k}={v}")
-             for k, v in ABLATIONS.get(family, {}).items()]
+             for k, v in ABLATIONS.get(family, {}).items() if ablations]
     runs += [RunSpec(o, o, dict(extra), note="the reference code's default configuration") for o in more if others]
     return runs

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--reference-methods", default="rc+cgb",
       help="families for table 1b, reference-equivalent vs arbq default one change at a time: rc+cgb (default), "
            "x+cgb, or none; each adds ≈4 binarize runs")
+    a("--no-ablations", action="store_true",
+      help="table 1b without the runs of options arbq does not use by default (rc+cgb: --true-sequential)")
     a("--reference-defaults", action="store_true",
       help="table 1b also runs the reference code's default configuration (magnitude salience; one more run)")
     a("--skip-quality", action="store_true", help="skip calibrate/binarize/eval/pack (tables 1-3)")
@@ -170,7 +172,8 @@ def quality(b: Bench, model: str, text: Path) -> None:
     res["calibrate"] = cal
     extra = {**(mt.QUICK_OVERRIDES if a.quick else {}), **({"sequential": False} if a.no_sequential else {})}
     specs = {s.name: s for s in mt.main_runs(names, extra)}
-    families = {f: mt.reference_runs(f, extra, a.reference_defaults) for f in _csv(a.reference_methods) if f != "none"}
+    families = {f: mt.reference_runs(f, extra, a.reference_defaults, not a.no_ablations)
+                for f in _csv(a.reference_methods) if f != "none"}
     for runs in families.values():
         specs.update({s.name: s for s in runs if s.name not in specs})
     ref_eval: dict = {}
