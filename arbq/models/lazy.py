@@ -31,6 +31,7 @@ from torch import nn
 
 from arbq.errors import ArbqError
 from arbq.models import arch as archmod
+from arbq.models import layerwise
 from arbq.models.loading import ModelRef, load_config, load_model
 
 INDEX = "model.safetensors.index.json"
@@ -210,6 +211,15 @@ class LayerwiseModel:
     def free_stem(self) -> None:
         for _, mod in self.stem:
             _move(mod, "cpu")
+
+    def layer0_inputs(self, samples: torch.Tensor, device: str, out) -> tuple:
+        """(inputs of decoder layer 0 stored in `out`, its forward kwargs) for token samples [n, seqlen],
+        with the stem on `device` only meanwhile (see layerwise.capture_inputs)."""
+        self.load_stem(device)
+        try:
+            return layerwise.capture_inputs(self.model, self.layers, samples, device, out=out)
+        finally:
+            self.free_stem()
 
     def load_layer(self, i: int, device: str | torch.device) -> nn.Module:
         """Decoder layer i in float32 on `device`."""

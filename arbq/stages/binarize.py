@@ -187,9 +187,7 @@ def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, 
                 device: str, offload: str, hdtype: torch.dtype) -> None:
     spec = net.spec
     with scratch(run.root, offload, device) as acts, _progress() as prog:
-        net.load_stem(device)
-        x, kwargs = layerwise.capture_inputs(net.model, net.layers, samples, device, out=acts.new(len(samples)))
-        net.free_stem()
+        x, kwargs = net.layer0_inputs(samples, device, acts.new(len(samples)))
         task = prog.add_task("binarize", total=len(net))
         for i in range(len(net)):
             layer = net.load_layer(i, device)

@@ -119,9 +119,7 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
     if not todo:
         return len(net)
     with scratch(out, offload, device) as acts, Progress(console=console, transient=True) as prog:
-        net.load_stem(device)
-        x, kwargs = layerwise.capture_inputs(net.model, net.layers, samples, device, out=acts.new(len(samples)))
-        net.free_stem()
+        x, kwargs = net.layer0_inputs(samples, device, acts.new(len(samples)))
         task = prog.add_task("calibrate", total=len(net))
         for i in range(len(net)):
             layer = net.load_layer(i, device)
