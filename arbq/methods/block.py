@@ -14,6 +14,7 @@ from arbq.methods import masks as mk
 from arbq.methods.binarizers import Fit
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import GroupFit, Method
+from arbq.methods.result import LinearResult
 
 Tensor = torch.Tensor
 
@@ -95,8 +96,6 @@ def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:
     ŵ = μ + α₁c₁s¹ + k·α₂c₂s² from the rounded values: what `arbq pack` will store."""
     if scale_dtype == "fp32":
         return fit
-    from arbq.methods.result import LinearResult
-
     dt = SCALE_DTYPES[scale_dtype]
     rnd = lambda x: x.to(dt).float()  # noqa: E731
     alpha, mu, col = rnd(fit.alpha), rnd(fit.mu), rnd(fit.col_scale)
