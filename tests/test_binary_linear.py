@@ -64,12 +64,28 @@ def test_cpu_kernel_matches_torch(ext, method, cgb, n, k, bs, sd):
     p = lin.packed()
     x = torch.randn(3, k)
     want = kernels.backend("torch").matmul(p, x, {})
-    for mode, tol in ((0, 1e-5), (1, 1e-5), (2, 3e-3)):    # scalar, fp32 lanes, fp16 lanes
+    for mode, tol in ((0, 1e-5), (1, 1e-5), (2, 3e-3), (3, 1e-5)):    # scalar, fp32 lanes, fp16 lanes, lookup
         assert _rel(cpu.matmul(p, x, {}, mode=mode), want) < tol, mode
+    cache: dict = {}
+    cpu.matmul(p, x, cache, mode=cpu.LUT)
+    assert ("lut" in cache) == (p.spec.scheme.group and p.spec.scheme.salient)   # grouped schemes: table lookup
     for mode in (0, 1):                                    # dequantization: scalar and AVX-512 code
         assert torch.allclose(cpu.dequantize(p, {}, 1, n, mode=mode), lin.dequantize()[1:], rtol=1e-6, atol=1e-7)
     xb = torch.randn(cpu.BATCH_TILE + 3, k)                # batch path: dequantized tiles
     assert _rel(cpu.matmul(p, xb, {}), kernels.backend("torch").matmul(p, xb, {})) < 1e-5
+
+
+def test_lookup_kernel_layout_reads_every_bit(ext):
+    """Flip one weight's sign (or group) bit in the packed planes: the lookup GEMV must follow it exactly."""
+    res, lin = _layer("rc", True, 40, 136, 32, seed=3)     # 40 rows: a partial row group; 136 columns: quads
+    x = torch.randn(1, 136)
+    for plane, (i, j) in (("sign1", (39, 135)), ("group", (17, 66)), ("sign1", (0, int(res.salient.nonzero()[0])))):
+        p = lin.packed()
+        t = p.tensors[plane].clone()
+        t[i, j // 8] ^= 1 << (j % 8)
+        p2 = type(p)(p.spec, {**p.tensors, plane: t})
+        want = kernels.backend("torch").matmul(p2, x, {})
+        assert _rel(cpu.matmul(p2, x, {}, mode=cpu.LUT), want) < 1e-5, plane
 
 
 def test_cpu_kernel_fp16_lanes_fall_back_for_large_x(ext):

@@ -27,9 +27,13 @@ def backend(name: str) -> ModuleType:
         raise ArbqError(f"unknown kernel backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}") from None
 
 
+def default_name() -> str:
+    return os.environ.get("ARBQ_KERNEL", "auto")
+
+
 def pick(p, x: torch.Tensor, name: str | None = None) -> ModuleType:
     """The backend named (or ARBQ_KERNEL, or the first of AUTO_ORDER) that supports (p, x); else torch."""
-    name = name or os.environ.get("ARBQ_KERNEL", "auto")
+    name = name or default_name()
     for cand in (AUTO_ORDER if name == "auto" else (name,)):
         mod = backend(cand)
         if mod.supports(p, x):

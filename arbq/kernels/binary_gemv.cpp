@@ -137,6 +137,7 @@ void gemv_scalar(const Layer& a, const int32_t* cidx, const float* x, float* y) 
 // ---------------------------------------------------------------- AVX-512
 #include "binary_gemv_avx512.cpp"
 #include "binary_dequant_avx512.cpp"
+#include "binary_gemv_lut_avx512.cpp"
 #endif
 
 // ---------------------------------------------------------------- bindings
@@ -224,6 +225,37 @@ torch::Tensor gemv(torch::Tensor x, std::vector<torch::Tensor> ts, double vscale
   return y;
 }
 
+#if ARBQ_AVX512
+// y [M, N] = x [M, K] @ W^T by table lookup (binary_gemv_lut_avx512.cpp); tensors from arbq.kernels.cpu.prepare_lut.
+torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, std::vector<bool> flags) {
+  // ts: codes [N16, KQ, 16] u8, smask [N16, S, 3] i16, sidx [S] i32, soff [T+1] i32, vt [N16, T, V, 16], pos [10] i32, cs [4, K]
+  TORCH_CHECK(ts.size() == 7 && flags.size() == 2, "arbq: bad kernel arguments");
+  for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
+  const auto &codes = ts[0], &smask = ts[1], &sidx = ts[2], &soff = ts[3], &vt = ts[4], &pos = ts[5], &cs = ts[6];
+  const int64_t K = x.size(1);
+  Lut L{};
+  L.rc = flags[0]; L.cgb = flags[1];
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 && codes.size(2) == 16, "codes: uint8 [N16, KQ, 16]");
+  L.N16 = codes.size(0); L.KQ = codes.size(1); L.B = B; L.T = (K + B - 1) / B; L.S = sidx.numel();
+  TORCH_CHECK(B % 4 == 0 && L.KQ == (K + 3) / 4 && L.N16 == (N + 15) / 16, "arbq: lut codes disagree with x / N");
+  TORCH_CHECK(vt.dim() == 4 && vt.size(0) == L.N16 && vt.size(1) == L.T && vt.size(3) == 16 && vt.size(2) <= 10,
+              "arbq: lut values must be [N16, T, V, 16]");
+  TORCH_CHECK(vt.scalar_type() == torch::kHalf || vt.scalar_type() == torch::kFloat, "arbq: lut values fp16 or fp32");
+  TORCH_CHECK(smask.scalar_type() == torch::kInt16 && smask.numel() == L.N16 * L.S * 3, "arbq: lut masks [N16, S, 3] int16");
+  TORCH_CHECK(soff.numel() == L.T + 1 && pos.numel() == NSLOT && (!L.rc || cs.numel() == 4 * K), "arbq: lut index tensors");
+  L.V = vt.size(2); L.vhalf = vt.scalar_type() == torch::kHalf; L.vt = vt.data_ptr();
+  L.codes = codes.data_ptr<uint8_t>();
+  L.smask = reinterpret_cast<const uint16_t*>(ptr<int16_t>(smask));
+  L.sidx = ptr<int32_t>(sidx); L.soff = soff.data_ptr<int32_t>();
+  for (int s = 0; s < NSLOT; ++s) L.pos[s] = pos.data_ptr<int32_t>()[s];
+  L.cs = L.rc ? cs.data_ptr<float>() : nullptr;
+  auto y = torch::empty({x.size(0), N}, torch::kFloat);
+  for (int64_t m = 0; m < x.size(0); ++m) gemv_lut(L, x.data_ptr<float>() + m * K, K, N, y.data_ptr<float>() + m * N);
+  return y;
+}
+#endif
+
 std::string features() {
   return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "");
 }
@@ -233,5 +265,8 @@ std::string features() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ W^T from packed bits (x rows looped)");
   m.def("dequant", &dequant, "rows r0:r1 of W as float32");
+#if ARBQ_AVX512
+  m.def("gemv_lut", &gemv_lut_op, "y = x @ W^T by table lookup over the kernel layout (x rows looped)");
+#endif
   m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
 }

@@ -32,11 +32,21 @@ SOURCE = Path(__file__).with_name("binary_gemv.cpp")
 KERNEL_SLOTS = (("alpha", 0, 0, 0), ("alpha", 0, 1, 0), ("alpha", 1, 0, 0), ("alpha", 1, 1, 0),
                 ("alpha", 1, 0, 1), ("alpha", 1, 1, 1), ("mu", 0, 0), ("mu", 0, 1), ("mu", 1, 0), ("mu", 1, 1))
 ZERO_LANE = 15
-# ARBQ_CPU_LANES: precision of the GEMV's first pass. fp32 (default) matches the torch backend to ~1e-6;
-# fp16 (AVX512-FP16 CPUs) is faster, ~1e-3 relative error per linear, and falls back to fp32 where x is large.
-LANE_MODES = {"scalar": 0, "fp32": 1, "fp16": 2}
+# ARBQ_CPU_LANES: the batch-1 GEMV. lut (default): table lookup, rows in lanes (grouped schemes; others use
+# fp32), fp32 sums, matches the torch backend to ~1e-6; fp32: masked adds along K; fp16 (AVX512-FP16 CPUs):
+# masked adds in fp16 lanes, ~1e-3 relative error per linear, fp32 where x is large; scalar: plain C++.
+LANE_MODES = {"scalar": 0, "fp32": 1, "fp16": 2, "lut": 3}
+LUT = 3
 
 _ext = None
+
+
+def _source_tag() -> str:
+    """Hash of every kernel source: the build is redone when an #included file changes, too."""
+    h = hashlib.sha256()
+    for f in sorted(SOURCE.parent.glob("*.cpp")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:8]
 
 
 def _cpu_tag() -> str:
@@ -54,7 +64,7 @@ def extension():
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
-            name = f"arbq_binary_gemv_{_cpu_tag()}"
+            name = f"arbq_binary_gemv_{_cpu_tag()}_{_source_tag()}"
             if not any(Path(_get_build_directory(name, False)).glob("*.so")):
                 print("arbq: building the CPU kernel (once per machine, about a minute)...", file=sys.stderr)
             _ext = load(name=name, sources=[str(SOURCE)],
@@ -119,8 +129,58 @@ def prepare(p: PackedLinear) -> dict:
                 flags=[sc.rc, sc.group, sc.cgb, sc.salient])
 
 
+def prepare_lut(p: PackedLinear) -> dict:
+    """The table-lookup kernel's layout of one layer (built once, cached on the module).
+
+    codes uint8 [N16, KQ, 16]: for row group G (rows 16G..16G+15, zero-padded), column quad q, row r:
+    low nibble = code of columns (4q, 4q+1), high nibble = code of (4q+2, 4q+3), where the code of a pair
+    (a, b) is s1_a | g_a<<1 | s1_b<<2 | g_b<<3 (bits of the sign1 and group planes). smask int16
+    [N16, S, 3]: per salient column, the 16 rows' masks of sign1 = 0, sign2 = 0 and group = 1. vt
+    [N16, T, V, 16]: the values with rows last (fp16 kept, else fp32; values_scale applied).
+    """
+    spec, sc = p.spec, p.spec.scheme
+    n, k, bs = spec.out_features, spec.in_features, spec.blocksize
+    n16, kq = -(-n // 16), -(-k // 4)
+    s1 = torch.zeros(16 * n16, 4 * kq, dtype=torch.uint8)
+    g = torch.zeros_like(s1)
+    s1[:n, :k] = unpack_bits(p["sign1"], k)
+    g[:n, :k] = unpack_bits(p["group"], k)
+    code2 = s1 | (g << 1)                                   # per column: s | g<<1
+    pair = code2[:, 0::2] | (code2[:, 1::2] << 2)           # [N, K/2]
+    quad = pair[:, 0::2] | (pair[:, 1::2] << 4)             # [N, KQ]
+    codes = quad.reshape(n16, 16, kq).transpose(1, 2).contiguous()
+    sal = unpack_bits(p["salient"], k) if sc.salient else torch.zeros(k, dtype=torch.bool)
+    sidx = sal.nonzero()[:, 0]
+    s2 = torch.zeros(16 * n16, len(sidx), dtype=torch.bool)
+    s2[:n] = unpack_bits(p["sign2"], len(sidx)) if sc.salient else s2[:n]
+    planes = torch.stack([s1[:, sidx] == 0, s2.logical_not(), g[:, sidx] == 1], dim=-1)   # [N16*16, S, 3]
+    weights = (1 << torch.arange(16, dtype=torch.int32)).view(1, 16, 1, 1)
+    smask = (planes.reshape(n16, 16, len(sidx), 3).int() * weights).sum(1)   # [N16, S, 3] in 0..65535
+    smask = smask.to(torch.int32).where(smask < 32768, smask - 65536).to(torch.int16).contiguous()
+    counts = torch.bincount(sidx // bs, minlength=spec.n_blocks)
+    soff = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    vals = p["values"]
+    vscale = float(p["values_scale"]) if "values_scale" in p.tensors else 1.0
+    keep16 = vals.dtype == torch.float16 and vscale == 1.0
+    vals = vals if keep16 else vals.float() * vscale
+    t, v = vals.shape[1], vals.shape[2]
+    vt = torch.zeros(16 * n16, t, v, dtype=vals.dtype)
+    vt[:n] = vals
+    vt = vt.reshape(n16, 16, t, v).permute(0, 2, 3, 1).contiguous()
+    names = [("alpha", *a) for a in sc.alpha_slots] + [("mu", *m) for m in sc.mu_slots]
+    pos = torch.tensor([names.index(s_) if s_ in names else ZERO_LANE for s_ in KERNEL_SLOTS], dtype=torch.int32)
+    cs = full_col_scale(p).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
+    return dict(tensors=[codes, smask, sidx.to(torch.int32), soff.to(torch.int32), vt, pos, cs],
+                flags=[sc.rc, sc.cgb])
+
+
+def lut_supported(p: PackedLinear) -> bool:
+    sc = p.spec.scheme
+    return sc.group and sc.salient and p.spec.blocksize % 4 == 0 and hasattr(extension(), "gemv_lut")
+
+
 def _mode() -> int:
-    return LANE_MODES.get(os.environ.get("ARBQ_CPU_LANES", "fp32"), 1)
+    return LANE_MODES.get(os.environ.get("ARBQ_CPU_LANES", "lut"), LUT)
 
 
 def dequantize(p: PackedLinear, cache: dict, r0: int, r1: int, mode: int | None = None,
@@ -136,17 +196,24 @@ def dequantize(p: PackedLinear, cache: dict, r0: int, r1: int, mode: int | None 
 
 
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
-    """y [M, N] fp32 = x [M, K] @ Ŵᵀ. mode: 0 scalar C++, 1 fp32 lanes, 2 fp16 lanes where safe.
+    """y [M, N] fp32 = x [M, K] @ Ŵᵀ. mode (LANE_MODES): 0 scalar C++, 1 fp32 lanes, 2 fp16 lanes where
+    safe, 3 table lookup (grouped schemes; otherwise as 1).
 
     M < BATCH_TILE: GEMV from the bits, one x row at a time. Otherwise Ŵ is dequantized TILE_ROWS rows
     at a time into one reused buffer (small enough to stay in cache) and multiplied with torch.matmul.
     """
-    if NAME not in cache:
-        cache[NAME] = prepare(p)
-    c, ext = cache[NAME], extension()
+    ext, mode = extension(), _mode() if mode is None else mode
     x = x.float().contiguous()
     if x.shape[0] < BATCH_TILE:
-        return ext.gemv(x, c["tensors"], c["vscale"], p.spec.blocksize, c["flags"], _mode() if mode is None else mode)
+        if mode == LUT and ("lut" in cache or lut_supported(p)):
+            if "lut" not in cache:
+                cache["lut"] = prepare_lut(p)
+            return ext.gemv_lut(x, cache["lut"]["tensors"], p.spec.out_features, p.spec.blocksize,
+                                cache["lut"]["flags"])
+        if NAME not in cache:
+            cache[NAME] = prepare(p)
+        c = cache[NAME]
+        return ext.gemv(x, c["tensors"], c["vscale"], p.spec.blocksize, c["flags"], mode)
     n, k = p.spec.out_features, p.spec.in_features
     y = torch.empty(x.shape[0], n)
     buf = torch.empty(min(TILE_ROWS, n), k)

@@ -47,15 +47,21 @@ class BinaryLinear(nn.Module):
 
     def kernel_cache(self) -> dict:
         """A dict for backend-derived tensors, reset whenever a buffer is replaced, moved or changed in place."""
-        key = tuple((b.data_ptr(), b.device, b._version) for b in self.buffers())
+        key = tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
         if key != self._cache_key:
             self._cache_key, self._cache = key, {}
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> y: [..., N]
-        lead = x.shape[:-1]
-        y = kernels.matmul(self.packed(), x.reshape(-1, self.in_features), self.kernel_cache(), self.backend)
+        lead, cache = x.shape[:-1], self.kernel_cache()
+        if "packed" not in cache:  # per-call Python overhead matters at batch 1: build these once
+            cache["packed"] = self.packed()
+        p, name = cache["packed"], self.backend or kernels.default_name()
+        key = ("backend", name, x.device.type)
+        if key not in cache:
+            cache[key] = kernels.pick(p, x, name)
+        y = cache[key].matmul(p, x.reshape(-1, self.in_features), cache)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

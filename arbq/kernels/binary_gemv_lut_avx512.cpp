@@ -1,0 +1,198 @@
+// Table-lookup GEMV for grouped schemes (billm, arb, x, rc, with or without CGB), #included by
+// binary_gemv.cpp inside `#if ARBQ_AVX512`, in its namespace. Rows are the vector lanes: 16 rows per
+// "row group", R row groups per tile share every table load, so no horizontal reduction is ever needed.
+//
+// Non-salient pass (every column, as if all were non-salient), per block t and row i:
+//   U = sum_{g=0} s1 z00,  V = sum_{g=1} s1 z10,  X1 = sum_{g=1} x        (s1 = +-1, z_go = c[g,o,:] x)
+//   y += a00 U + a01 V [+ m00 (TX_t - X1) + m01 X1]
+// Two columns have 4 bits (s1, g each), so each of U, V, X1 is a 16-entry table per column pair, built
+// once per call: table[c] = the pair's contribution under code c. One byte of the kernel layout holds
+// two pairs' codes for one row, 16 rows are 16 consecutive bytes, and vpermps looks 16 rows up at once
+// (it reads only the low 4 bits of each index lane; the second pair's code is the byte shifted by 4).
+//
+// Salient correction, per salient column j of block t (the same columns for every row), 16 rows at once
+// from 16-bit row masks (n1: s1 = -1, n2: s2 = -1, g: group 1), with g chosen per row:
+//   y += (a1g_1 - a0g) s1 z_g0 + a1g_2 s2 z_g1 [+ (m1g - m0g) x]
+// accumulated as sums over all salient columns of the block and over those with g = 1.
+
+struct Lut {
+  int64_t N16, KQ, T, B, V, S;
+  const uint8_t* codes;      // [N16, KQ, 16]: low nibble pair 2q, high nibble pair 2q+1 (code: s_a | g_a<<1 | s_b<<2 | g_b<<3)
+  const uint16_t* smask;     // [N16, S, 3]: n1, n2, g masks of 16 rows per salient column
+  const int32_t *sidx, *soff;  // [S] salient columns (sorted); [T+1] first salient of each block
+  const void* vt;            // [N16, T, V, 16] values, rows last (fp16 or fp32, vscale applied)
+  bool vhalf;
+  int pos[NSLOT];
+  const float* cs;           // [4, K] column scales (RC)
+  bool rc, cgb;
+};
+
+inline __m512 lut_val(const Lut& L, int64_t rg, int64_t t, int s) {
+  if (L.pos[s] == kZeroLane) return _mm512_setzero_ps();
+  const int64_t off = ((rg * L.T + t) * L.V + L.pos[s]) * 16;
+  if (L.vhalf)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(L.vt) + off)));
+  return _mm512_loadu_ps(static_cast<const float*>(L.vt) + off);
+}
+
+struct LutCall {
+  const float *tu, *tv, *tx;   // [KQ*2, 16] tables
+  const float* tx_blk;         // [T] sum of x over the block (non-RC means)
+  const float* zs;             // [S, 5]: z00, z01, z10, z11, x at each salient column
+  const float* txs_blk;        // [T] sum of x over the block's salient columns
+};
+
+template <int R, bool RC, bool CGB>
+void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_out) {
+  __m512 y[R];
+  const uint8_t* cp[R];
+  const uint16_t* mp[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    y[r] = _mm512_setzero_ps();
+    cp[r] = L.codes + (rg0 + r) * L.KQ * 16;
+    mp[r] = L.smask + (rg0 + r) * L.S * 3;
+  }
+  const int64_t qpb = L.B / 4;
+  const __m512 sgn = _mm512_set1_ps(-0.f);
+  for (int64_t t = 0; t < L.T; ++t) {
+    __m512 U[R], V[R], X[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) U[r] = V[r] = X[r] = _mm512_setzero_ps();
+    const int64_t q1 = std::min((t + 1) * qpb, L.KQ);
+    for (int64_t q = t * qpb; q < q1; ++q) {
+      const float* tq = c.tu + 32 * q;
+      const __m512 u0 = _mm512_load_ps(tq), u1 = _mm512_load_ps(tq + 16);
+      const __m512 v0 = _mm512_load_ps(c.tv + 32 * q), v1 = _mm512_load_ps(c.tv + 32 * q + 16);
+      __m512 x0, x1;
+      if (!RC) { x0 = _mm512_load_ps(c.tx + 32 * q); x1 = _mm512_load_ps(c.tx + 32 * q + 16); }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp[r] + 16 * q)));
+        const __m512i i1 = _mm512_srli_epi32(i0, 4);
+        U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i0, u0));
+        V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i0, v0));
+        U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i1, u1));
+        V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i1, v1));
+        if (!RC) {
+          X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i0, x0));
+          X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i1, x1));
+        }
+      }
+    }
+    // salient columns of the block: sums over all of them (A) and over those in group 1 (G)
+    __m512 Q1a[R], Q1g[R], Q2a[R], Q2g[R], XSg[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) Q1a[r] = Q1g[r] = Q2a[r] = Q2g[r] = XSg[r] = _mm512_setzero_ps();
+    for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) {
+      const float* z = c.zs + 5 * p;
+      const __m512 z00 = _mm512_set1_ps(z[0]), z01 = _mm512_set1_ps(z[1]);
+      const __m512 z10 = RC && CGB ? _mm512_set1_ps(z[2]) : z00, z11 = RC && CGB ? _mm512_set1_ps(z[3]) : z01;
+      const __m512 xb = _mm512_set1_ps(z[4]);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* m = mp[r] + 3 * p;
+        const __mmask16 n1 = _cvtu32_mask16(m[0]), n2 = _cvtu32_mask16(m[1]);
+        const __mmask16 g = _cvtu32_mask16(m[2]);
+        const __m512 w1 = RC && CGB ? _mm512_mask_blend_ps(g, z00, z10) : z00;
+        const __m512 w2 = RC && CGB ? _mm512_mask_blend_ps(g, z01, z11) : z01;
+        const __m512 u1 = _mm512_mask_xor_ps(w1, n1, w1, sgn), u2 = _mm512_mask_xor_ps(w2, n2, w2, sgn);
+        Q1a[r] = _mm512_add_ps(Q1a[r], u1);
+        Q2a[r] = _mm512_add_ps(Q2a[r], u2);
+        if (CGB) {
+          Q1g[r] = _mm512_mask_add_ps(Q1g[r], g, Q1g[r], u1);
+          Q2g[r] = _mm512_mask_add_ps(Q2g[r], g, Q2g[r], u2);
+          if (!RC) XSg[r] = _mm512_mask_add_ps(XSg[r], g, XSg[r], xb);
+        }
+      }
+    }
+    const bool sal = L.soff[t + 1] > L.soff[t];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const int64_t rg = rg0 + r;
+      const __m512 a00 = lut_val(L, rg, t, A00), a01 = lut_val(L, rg, t, A01);
+      y[r] = _mm512_fmadd_ps(a00, U[r], y[r]);
+      y[r] = _mm512_fmadd_ps(a01, V[r], y[r]);
+      __m512 m00, m01;
+      if (!RC) {
+        m00 = lut_val(L, rg, t, M00); m01 = lut_val(L, rg, t, M01);
+        y[r] = _mm512_fmadd_ps(m00, _mm512_sub_ps(_mm512_set1_ps(c.tx_blk[t]), X[r]), y[r]);
+        y[r] = _mm512_fmadd_ps(m01, X[r], y[r]);
+      }
+      if (!sal) continue;
+      // group 0 part = all - group 1 part
+      y[r] = _mm512_fmadd_ps(_mm512_sub_ps(lut_val(L, rg, t, A10_1), a00), _mm512_sub_ps(Q1a[r], Q1g[r]), y[r]);
+      y[r] = _mm512_fmadd_ps(lut_val(L, rg, t, A10_2), _mm512_sub_ps(Q2a[r], Q2g[r]), y[r]);
+      if (CGB) {
+        y[r] = _mm512_fmadd_ps(_mm512_sub_ps(lut_val(L, rg, t, A11_1), a01), Q1g[r], y[r]);
+        y[r] = _mm512_fmadd_ps(lut_val(L, rg, t, A11_2), Q2g[r], y[r]);
+      }
+      if (!RC) {
+        const __m512 xs = _mm512_set1_ps(c.txs_blk[t]);
+        y[r] = _mm512_fmadd_ps(_mm512_sub_ps(lut_val(L, rg, t, M10), m00), _mm512_sub_ps(xs, XSg[r]), y[r]);
+        if (CGB) y[r] = _mm512_fmadd_ps(_mm512_sub_ps(lut_val(L, rg, t, M11), m01), XSg[r], y[r]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t i0 = (rg0 + r) * 16, n = std::min<int64_t>(16, N - i0);
+    if (n > 0) _mm512_mask_storeu_ps(y_out + i0, static_cast<__mmask16>((1u << n) - 1), y[r]);
+  }
+}
+
+template <bool RC, bool CGB>
+void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
+  constexpr int R = 4;
+  const int64_t tiles = L.N16 / R;
+  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB>(L, c, g * R, N, y);
+  });
+  for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB>(L, c, rg, N, y);
+}
+
+// y [N] = W x for one x row [K]: tables and salient inputs once per call, then the tiles.
+void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y) {
+  const int64_t np = 2 * L.KQ, kp = 4 * L.KQ;
+  std::vector<float> z(2 * kp, 0.f);
+  float *z0 = z.data(), *z1 = z0 + kp;
+  for (int64_t j = 0; j < K; ++j) {
+    z0[j] = L.rc ? L.cs[j] * x[j] : x[j];
+    z1[j] = L.rc ? L.cs[2 * K + j] * x[j] : x[j];
+  }
+  // tables: 16 codes per pair; code bit 0/2: sign of column a/b (1: +), bit 1/3: group of column a/b
+  auto* tab = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 16 * np * 3));
+  float *tu = tab, *tv = tab + 16 * np, *tx = tab + 32 * np;
+  alignas(64) float pa0[16], pa1[16], pb0[16], pb1[16], ga[16], gb[16];
+  for (int cde = 0; cde < 16; ++cde) {
+    const float sa = (cde & 1) ? 1.f : -1.f, sb = (cde & 4) ? 1.f : -1.f;
+    const bool gA = cde & 2, gB = cde & 8;
+    pa0[cde] = gA ? 0.f : sa; pa1[cde] = gA ? sa : 0.f; ga[cde] = gA;
+    pb0[cde] = gB ? 0.f : sb; pb1[cde] = gB ? sb : 0.f; gb[cde] = gB;
+  }
+  const __m512 PA0 = _mm512_load_ps(pa0), PA1 = _mm512_load_ps(pa1), PB0 = _mm512_load_ps(pb0),
+               PB1 = _mm512_load_ps(pb1), GA = _mm512_load_ps(ga), GB = _mm512_load_ps(gb);
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t ja = 2 * p, jb = ja + 1;
+    _mm512_store_ps(tu + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z0[ja]), PA0, _mm512_mul_ps(_mm512_set1_ps(z0[jb]), PB0)));
+    _mm512_store_ps(tv + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z1[ja]), PA1, _mm512_mul_ps(_mm512_set1_ps(z1[jb]), PB1)));
+    if (!L.rc) {
+      const float xa = ja < K ? x[ja] : 0.f, xb = jb < K ? x[jb] : 0.f;
+      _mm512_store_ps(tx + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(xa), GA, _mm512_mul_ps(_mm512_set1_ps(xb), GB)));
+    }
+  }
+  std::vector<float> txb(L.T, 0.f), txs(L.T, 0.f), zs(5 * L.S + 1, 0.f);
+  for (int64_t j = 0; j < K; ++j) txb[j / L.B] += x[j];
+  for (int64_t p = 0; p < L.S; ++p) {
+    const int64_t j = L.sidx[p];
+    float* o = zs.data() + 5 * p;
+    o[0] = z0[j]; o[2] = z1[j]; o[4] = x[j];
+    o[1] = L.rc ? L.cs[K + j] * x[j] : x[j];
+    o[3] = L.rc ? L.cs[3 * K + j] * x[j] : x[j];
+    txs[j / L.B] += x[j];
+  }
+  const LutCall c{tu, tv, tx, txb.data(), zs.data(), txs.data()};
+  if (L.rc) L.cgb ? lut_rows<true, true>(L, c, N, y) : lut_rows<true, false>(L, c, N, y);
+  else L.cgb ? lut_rows<false, true>(L, c, N, y) : lut_rows<false, false>(L, c, N, y);
+  std::free(tab);
+}
