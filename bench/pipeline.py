@@ -88,15 +88,17 @@ def binarize(spec: RunSpec, model: str, work: Path, calib: Path, device: str, th
             "layer_avg_s": sum(per_layer.values()) / max(len(per_layer), 1)}
 
 
-def pack(name: str, work: Path) -> dict:
-    """Pack a finished run (reused when the size report is newer than the run); returns size/NAME/..."""
+def pack(name: str, work: Path, scale_dtype: str | None = None) -> dict:
+    """Pack a finished run (reused when the size report is newer than the run); returns size/NAME/...
+    scale_dtype: None = the recipe's; otherwise packed into packed/NAME-SCALEDTYPE."""
     from arbq.stages.pack import run_pack
 
-    run, out = run_dir(work, name), work / "packed" / name
-    size_file = work / "packed" / f"{name}.size.json"
+    tag = name if scale_dtype is None else f"{name}-{scale_dtype}"
+    run, out = run_dir(work, name), work / "packed" / tag
+    size_file = work / "packed" / f"{tag}.size.json"
     fresh = size_file.is_file() and (out / "config.json").is_file() and \
         size_file.stat().st_mtime >= (run / "model-fake" / "config.json").stat().st_mtime
-    rep = read_json(size_file) if fresh else run_pack([run], out, json_out=size_file)
+    rep = read_json(size_file) if fresh else run_pack([run], out, scale_dtype=scale_dtype, json_out=size_file)
     b, m = rep["binarized"], rep["model"]
     dir_bytes = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return {"packed_dir": str(out), "scale_dtype": rep.get("scale_dtype"), "dtype": rep.get("dtype"),

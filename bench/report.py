@@ -44,6 +44,10 @@ def quality_table(res: dict) -> Table:
         t.add_row(m, _f(r.get("botchan_ppl")), _f(r.get("heldout_ppl")), acc, bits)
         if "packed_heldout_ppl" in r:
             t.add_row(f"{m} (packed, from the bits)", "", _f(r["packed_heldout_ppl"]), "", "")
+        if "packed_fp8_heldout_ppl" in r:
+            s8 = size.get(f"{m}-fp8", {})
+            bits8 = f"{s8['bits_per_weight']:.3f} ({s8['bits_per_weight_paper']:.3f})" if s8 else "—"
+            t.add_row(f"{m} (packed, fp8 scales)", "", _f(r["packed_fp8_heldout_ppl"]), "", bits8)
         if "error" in r:
             t.add_row(f"{m}: [red]{r['error']}", "", "", "", "")
     return t

@@ -9,7 +9,8 @@ Stages, on the fixture model (SmolLM2-135M) and text (botchan.txt), in a resumab
 
 results.json (written atomically after every step) holds every printed figure under a key path:
     quality/METHOD/{botchan,heldout}_{ppl,text,protocol,seqlen,windows,windows_total,tokens}
-    quality/METHOD/botchan_cloze_{acc,acc_stderr,acc_norm,acc_norm_stderr,n}, quality/rc+cgb/packed_heldout_ppl
+    quality/METHOD/botchan_cloze_{acc,acc_stderr,acc_norm,acc_norm_stderr,n},
+    quality/rc+cgb/{packed_heldout_ppl,packed_fp8_heldout_ppl} (size/rc+cgb-fp8/...: the fp8-scale pack)
     reference/RUN/{note,heldout_ppl,botchan_ppl,binarize_wall_s,bits_per_weight,status}
     binarize/RUN/{wall_s,peak_rss_mb,peak_gpu_mb,layer_avg_s,layers,command,recipe,resumed,reused}
     size/RUN/{bits_per_weight,bits_per_weight_paper,model_bits_per_param,packed_weights_mb,packed_dir_mb,
@@ -195,6 +196,12 @@ def quality(b: Bench, model: str, text: Path) -> None:
             b.step("quality/rc+cgb/packed", lambda: q["rc+cgb"].update(packed_heldout_ppl=evaluate(
                 work / "packed" / "rc+cgb", work / "eval" / "rc+cgb-packed.json", False, ("heldout",))["heldout_ppl"]),
                 "eval")
+            # the cost of fp8 (e4m3, one fp32 factor per tensor) scales instead of the recipe's fp16
+            b.step("size/rc+cgb-fp8", lambda: size.__setitem__("rc+cgb-fp8", pl.pack("rc+cgb", work, "fp8")), "pack")
+            if "rc+cgb-fp8" in size:
+                b.step("quality/rc+cgb/packed_fp8", lambda: q["rc+cgb"].update(packed_fp8_heldout_ppl=evaluate(
+                    work / "packed" / "rc+cgb-fp8", work / "eval" / "rc+cgb-packed-fp8.json", False,
+                    ("heldout",))["heldout_ppl"]), "eval")
     for runs in families.values():
         for s in runs:
             ev = q.get(s.name) if s.name in names else ref_eval.get(s.name)
