@@ -10,6 +10,8 @@ $(STAMP)/install: pyproject.toml
 	@mkdir -p $(STAMP)
 	$(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e '.[dev]'
+	@# Triton: the GPU kernel; on CPU its tests run it through Triton's interpreter. A CUDA torch brings its own.
+	$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install -q triton==3.8.0
 	@touch $@
 
 install: $(STAMP)/install

@@ -16,7 +16,7 @@ results.json (written atomically after every step) holds every printed figure un
     size/RUN/{bits_per_weight,bits_per_weight_paper,model_bits_per_param,packed_weights_mb,packed_dir_mb,
               fp16_mb,compression_vs_fp16,bits_by_component}
     kernels/NxK/{bits_per_weight,ceiling_vs_fp32}, kernels/NxK/batchB/{dense,packed}_{median,p10,p90}_ms,
-    kernels/NxK/batchB/speedup_vs_dense (hot), kernels/NxK/batchB/cold/... (large shapes on CPU)
+    kernels/NxK/batchB/speedup_vs_dense (hot), kernels/NxK/batchB/cold/... (CPU)
     decode/{dense,packed}_{tokens_per_s,prefill_ms,text}, decode/speedup_vs_dense, decode/bits_per_weight
     machine/..., git_commit, git_dirty, config/..., calibrate/..., timing/..._s, errors/..., notes
 """

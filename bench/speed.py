@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-COLD_MIN_BYTES = 16 * 2**20  # fp32 weights at least this large are also timed cold (rotating copies)
+COLD_MIN_BYTES = 0  # fp32 weights at least this large are also timed cold (rotating copies): all shapes, as in a decode
 
 
 def _stats(ts: list[float]) -> dict:

@@ -9,6 +9,9 @@ import torch
 
 from arbq import fixtures
 
+if not torch.cuda.is_available():  # Triton kernels (if installed) run on CPU tensors through its interpreter;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
+
 
 def tiny_config(model_type: str = "llama", **kw):
     """A tiny config of a supported architecture (random init; seconds to build)."""

@@ -3,7 +3,7 @@
 A backend is a module with NAME, `supports(p, x) -> bool` and `matmul(p, x, cache) -> y`, where
 p is an arbq.packed.codec.PackedLinear, x: [M, K] float and y: [M, N] float32 = x @ Ŵᵀ.
 `cache` is a dict owned by the calling module, for derived tensors a backend prepares once.
-Choose with the ARBQ_KERNEL environment variable (auto | cpu | torch) or BinaryLinear.backend.
+Choose with the ARBQ_KERNEL environment variable (auto | cpu | triton | torch) or BinaryLinear.backend.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 
 from arbq.errors import ArbqError
 
-BACKENDS: dict[str, str] = {"cpu": "arbq.kernels.cpu", "torch": "arbq.kernels.torch_ref"}
-AUTO_ORDER = ("cpu", "torch")
+BACKENDS: dict[str, str] = {"cpu": "arbq.kernels.cpu", "triton": "arbq.kernels.triton_gpu",
+                            "torch": "arbq.kernels.torch_ref"}
+AUTO_ORDER = ("cpu", "triton", "torch")
 
 
 def backend(name: str) -> ModuleType:

@@ -51,7 +51,7 @@ CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
                 batches: tuple[int, ...] = (1, 128), repeats: int = 21, warmup: int = 5, backend: str = "cpu",
-                cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "fp32",
+                cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "lut",
                 seed: int = 0) -> dict:
     """Time x [b, K] @ Wᵀ, dense fp32 torch.matmul vs BinaryLinear, for each batch b; returns a dict.
 
