@@ -105,7 +105,9 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
 
 def _backend(device: str) -> str:
     if device.startswith("cuda"):
-        return "torch (arbq.kernels: no GPU kernel backend registered)"
+        from arbq.kernels import triton_gpu
+
+        return "triton" if triton_gpu.triton is not None else "torch fallback (Triton not installed)"
     from arbq.kernels import cpu
 
     return "cpu (C++ kernel)" if cpu.extension() is not None else "torch fallback (C++ kernel did not build)"
