@@ -100,8 +100,9 @@ def size_table(res: dict) -> Table:
     return t
 
 
-def kernel_table(res: dict) -> Table:
-    k = res["kernels"]
+def kernel_table(res: dict, method: str | None = None) -> Table:
+    """Table 4 for the kernels' main method (kernels/NxK/...) or another one (kernels/METHOD/NxK/...)."""
+    k = res["kernels"] if method is None else {**res["kernels"], **res["kernels"][method]}
     t = Table(title=f"4. Kernels — {k['method']} packed BinaryLinear ({k['backend']}) vs dense {k['dense_dtype']} "
                     f"matmul, {k['threads']} threads, median (p10–p90) of {k['repeats']} A/B-interleaved repeats, "
                     f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC")
@@ -150,6 +151,9 @@ def render(res: dict, console: Console) -> None:
         console.print(size_table(res))
     if isinstance(res.get("kernels"), dict) and "method" in res["kernels"]:
         console.print(kernel_table(res))
+        for other in res["kernels"].get("other_methods", []):
+            if isinstance(res["kernels"].get(other), dict):
+                console.print(kernel_table(res, other))
     if isinstance(res.get("decode"), dict) and "speedup_vs_dense" in res["decode"]:
         console.print(decode_table(res))
     for key in ("kernels", "decode"):

@@ -16,7 +16,8 @@ results.json (written atomically after every step) holds every printed figure un
     size/RUN/{bits_per_weight,bits_per_weight_paper,model_bits_per_param,packed_weights_mb,packed_dir_mb,
               fp16_mb,compression_vs_fp16,bits_by_component}
     kernels/NxK/{bits_per_weight,ceiling_vs_fp32}, kernels/NxK/batchB/{dense,packed}_{median,p10,p90}_ms,
-    kernels/NxK/batchB/speedup_vs_dense (hot), kernels/NxK/batchB/cold/... (CPU)
+    kernels/NxK/batchB/speedup_vs_dense (hot), kernels/NxK/batchB/cold/... (CPU); the same under
+    kernels/METHOD/NxK/... for --kernel-methods (default billm)
     decode/{dense,packed}_{tokens_per_s,prefill_ms,text}, decode/speedup_vs_dense, decode/bits_per_weight
     machine/..., git_commit, git_dirty, config/..., calibrate/..., timing/..._s, errors/..., notes
 """
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--threads", type=int, help="torch / OpenMP threads (default: torch's default)")
     a("--shapes", help=f"kernel shapes N×K, comma list (default {SHAPES})")
     a("--kernel-repeats", type=int, help="kernel timing repeats (default 21)")
+    a("--kernel-methods", default="billm", help="methods timed besides rc+cgb in table 4 (comma list; '' = none)")
     a("--kernel-clock", choices=("wall", "thread"), default="wall", help="CPU kernel clock (thread needs 1 thread)")
     a("--new-tokens", type=int, help="decode: new tokens (default 32)")
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
@@ -225,8 +227,21 @@ def speed(b: Bench, model: str) -> None:
     k = b.step("kernels", lambda: sp.kernels(shapes, a.device, repeats=a.kernel_repeats, warmup=a.warmup,
                                              cold=a.cold, clock=a.kernel_clock), "kernels")
     b.res["kernels"] = k or {"status": "error"}
-    b.res["notes"].append("kernel rows time random bits in the rc+cgb layout (8% salient columns, fp16 scales); "
-                          "their honest bits are those of the timed layer")
+    if k is not None:
+        k["other_methods"] = []
+        for m in _csv(a.kernel_methods):
+            method, cgb = m.removesuffix("+cgb"), m.endswith("+cgb")
+            if m == "rc+cgb" or method not in ("sign", "billm", "arb", "x", "rc"):
+                continue
+            o = b.step(f"kernels/{m}", lambda me=method, cg=cgb: sp.kernels(
+                shapes, a.device, repeats=a.kernel_repeats, warmup=a.warmup, cold=a.cold, clock=a.kernel_clock,
+                method=me, cgb=cg), "kernels")
+            if o is not None:
+                k[m] = {key: v for key, v in o.items() if key not in ("threads", "clock", "repeats", "warmup",
+                                                                    "device", "dense_dtype", "backend")}
+                k["other_methods"].append(m)
+    b.res["notes"].append("kernel rows time random bits in the layout of the named method (8% salient columns, fp16 "
+                          "scales); their honest bits are those of the timed layer")
     packed = b.work / "packed" / "rc+cgb"
     if not (packed / "config.json").is_file():
         b.res["decode"] = {"status": f"skipped: no packed rc+cgb model in {packed}"}
