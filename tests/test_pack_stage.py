@@ -55,6 +55,15 @@ def test_round_trip_logits_equal_fake_quant(tiny):
     assert torch.allclose(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_decode_sized_inputs_equal_fake_quant(tiny, tokens):
+    """1 and 5 tokens: the batch-1 GEMV kernels (table lookup on CPU), not the dequantized-tile path."""
+    model = arbq.load(tiny["packed"])
+    ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    want = _logits(_fake_quant(tiny["model"], tiny["results"]), ids)
+    assert torch.allclose(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
+
+
 def test_transformers_from_pretrained_after_import_arbq(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["packed"], dtype=torch.float32)
     assert isinstance(model.model.layers[0].self_attn.q_proj, BinaryLinear)
