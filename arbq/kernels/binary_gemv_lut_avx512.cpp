@@ -145,7 +145,9 @@ template <bool RC, bool CGB>
 void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
   constexpr int R = 4;
   const int64_t tiles = L.N16 / R;
-  at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {
+  // at least ~128K weights per thread: small layers stay on one thread (a fork/join costs microseconds)
+  const int64_t grain = std::max<int64_t>(1, (131072 + 64 * 4 * L.KQ - 1) / (64 * 4 * L.KQ));
+  at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB>(L, c, g * R, N, y);
   });
   for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB>(L, c, rg, N, y);
