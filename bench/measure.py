@@ -5,9 +5,10 @@
 runs `arbq.cli.main()` with the arguments after `--`, then writes (atomically) and prints as the
 last stdout line a JSON object:
 
-    {"argv": [...], "rc": exit status, "wall_s": seconds, "peak_rss_mb": ru_maxrss of this process
-     (the whole interpreter: Python, torch and the stage), "peak_gpu_mb": torch.cuda peak allocated
-     or null, "user_s", "sys_s": CPU seconds}
+    {"argv": [...], "rc": exit status, "wall_s": seconds, "peak_rss_mb": this process's peak RSS
+     (the whole interpreter: Python, torch and the stage; VmHWM of /proc/self/status — ru_maxrss would
+     carry over the parent's peak across fork + exec), "peak_gpu_mb": torch.cuda peak allocated or
+     null, "user_s", "sys_s": CPU seconds}
 
 The exit status of the arbq command is passed on.
 """
@@ -27,6 +28,16 @@ def _gpu_peak_mb() -> float | None:
     return max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
 
 
+def _peak_rss_mb(ru) -> float:
+    """VmHWM (Linux: this process image's own high-water mark), else ru_maxrss (KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(v for v in f if v.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError):
+        return ru.ru_maxrss / 1024
+
+
 def measure(arbq_args: list[str]) -> dict:
     """Run `arbq ARGS` in-process; returns the cost record (see the module docstring)."""
     from arbq.cli import main
@@ -43,7 +54,7 @@ def measure(arbq_args: list[str]) -> dict:
     wall = time.perf_counter() - t0
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"argv": ["arbq", *arbq_args], "rc": rc, "wall_s": round(wall, 3),
-            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),  # Linux: KiB
+            "peak_rss_mb": round(_peak_rss_mb(ru), 1),
             "peak_gpu_mb": _gpu_peak_mb(), "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2)}
 
 
