@@ -15,8 +15,6 @@ installed (tests/test_triton_kernel.py); speed only on a GPU (`make bench --devi
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from arbq.packed.codec import PackedLinear, full_col_scale
@@ -131,15 +129,11 @@ if triton is not None:
         tl.store(ptr, (w * vscale).to(out.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def supports(p: PackedLinear, x: torch.Tensor) -> bool:
-    """CUDA tensors (or any device under TRITON_INTERPRET=1), a power-of-two block size, Triton present."""
+    """CUDA tensors, a power-of-two block size, Triton present. (Under TRITON_INTERPRET=1 `matmul` also runs
+    on CPU tensors, which is how the tests check it; the backend is never chosen for them.)"""
     bs = p.spec.blocksize
-    ok_dev = x.device.type == "cuda" or _interpret()
-    return triton is not None and ok_dev and bs >= 16 and bs & (bs - 1) == 0
+    return triton is not None and x.device.type == "cuda" and bs >= 16 and bs & (bs - 1) == 0
 
 
 def prepare(p: PackedLinear) -> dict:
