@@ -41,6 +41,12 @@ LUT = 3
 _ext = None
 
 
+def slot_positions(sc, missing: int) -> list[int]:
+    """For each KERNEL_SLOTS entry, its index among the values the scheme stores (`missing` if none)."""
+    names = [("alpha", *a) for a in sc.alpha_slots] + [("mu", *m) for m in sc.mu_slots]
+    return [names.index(s) if s in names else missing for s in KERNEL_SLOTS]
+
+
 def _source_tag() -> str:
     """Hash of every kernel source: the build is redone when an #included file changes, too."""
     h = hashlib.sha256()
@@ -118,8 +124,7 @@ def prepare(p: PackedLinear) -> dict:
         s2w = _aligned_words(unpack_bits(p["sign2"], s), spos, n_words)
         if sc.cgb:
             gw = _aligned_words(_columns(p["group"], sidx), spos, n_words)
-    names = [("alpha", *a) for a in sc.alpha_slots] + [("mu", *m) for m in sc.mu_slots]
-    pos = torch.tensor([names.index(s_) if s_ in names else ZERO_LANE for s_ in KERNEL_SLOTS], dtype=torch.int32)
+    pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(p).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
     tensors = [p["sign1"], p["group"] if sc.group else empty, s1w, gw, s2w,
                p["sign2"] if sc.salient else empty, woff.to(torch.int32), spos.to(torch.int32),
@@ -167,8 +172,7 @@ def prepare_lut(p: PackedLinear) -> dict:
     vt = torch.zeros(16 * n16, t, v, dtype=vals.dtype)
     vt[:n] = vals
     vt = vt.reshape(n16, 16, t, v).permute(0, 2, 3, 1).contiguous()
-    names = [("alpha", *a) for a in sc.alpha_slots] + [("mu", *m) for m in sc.mu_slots]
-    pos = torch.tensor([names.index(s_) if s_ in names else ZERO_LANE for s_ in KERNEL_SLOTS], dtype=torch.int32)
+    pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(p).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
     return dict(tensors=[codes, smask, sidx.to(torch.int32), soff.to(torch.int32), vt, pos, cs],
                 flags=[sc.rc, sc.cgb])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from arbq.kernels.cpu import slot_positions
 from arbq.packed.codec import PackedLinear, full_col_scale
 from arbq.packed.format import unpack_bits
 
@@ -24,9 +25,7 @@ NAME = "triton"
 DOT_MIN = 16
 TILE_ROWS = 1024
 BLOCK_ROWS = 16
-# slot order: alpha (kind, group, order) then mu (kind, group), as the CPU kernel
-SLOTS = (("alpha", 0, 0, 0), ("alpha", 0, 1, 0), ("alpha", 1, 0, 0), ("alpha", 1, 1, 0),
-         ("alpha", 1, 0, 1), ("alpha", 1, 1, 1), ("mu", 0, 0), ("mu", 0, 1), ("mu", 1, 0), ("mu", 1, 1))
+# kernel argument of each arbq.kernels.cpu.KERNEL_SLOTS entry
 SLOT_ARGS = ("A00", "A01", "A10_1", "A11_1", "A10_2", "A11_2", "M00", "M01", "M10", "M11")
 
 try:
@@ -149,8 +148,7 @@ def prepare(p: PackedLinear) -> dict:
     vscale = float(p["values_scale"]) if "values_scale" in p.tensors else 1.0
     if vals.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         vals = vals.float()
-    names = [("alpha", *a) for a in sc.alpha_slots] + [("mu", *m) for m in sc.mu_slots]
-    pos = {arg: names.index(s) if s in names else -1 for arg, s in zip(SLOT_ARGS, SLOTS, strict=True)}
+    pos = dict(zip(SLOT_ARGS, slot_positions(sc, -1), strict=True))
     cs = full_col_scale(p).reshape(4, k).float().contiguous() if sc.rc else torch.zeros(1)
     empty = torch.zeros(1, dtype=torch.uint8, device=dev)
     return dict(sign1=p["sign1"].contiguous(), group=p["group"].contiguous() if sc.group else empty,
