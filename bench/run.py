@@ -98,11 +98,12 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         from bench.machine import git_commit, machine
-        from bench.methods import ALL_METHODS
+        from bench.methods import ALL_METHODS, METHODS
         from bench.pipeline import console
 
         self.a, self.console = args, console
         bad = [m for m in _csv(args.methods) + _csv(args.task_methods) if m not in ALL_METHODS]
+        bad += [m for m in _csv(args.kernel_methods) if m not in METHODS]   # binarized methods only
         if bad:
             sys.exit(f"error: unknown method(s) {', '.join(bad)}; choose from {', '.join(ALL_METHODS)}")
         git = git_commit()
@@ -231,7 +232,7 @@ def speed(b: Bench, model: str) -> None:
         k["other_methods"] = []
         for m in _csv(a.kernel_methods):
             method, cgb = m.removesuffix("+cgb"), m.endswith("+cgb")
-            if m == "rc+cgb" or method not in ("sign", "billm", "arb", "x", "rc"):
+            if m == "rc+cgb":  # already timed above
                 continue
             o = b.step(f"kernels/{m}", lambda me=method, cg=cgb: sp.kernels(
                 shapes, a.device, repeats=a.kernel_repeats, warmup=a.warmup, cold=a.cold, clock=a.kernel_clock,

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 
-COLD_MIN_BYTES = 0  # fp32 weights at least this large are also timed cold (rotating copies): all shapes, as in a decode
-
 
 def _stats(ts: list[float]) -> dict:
     q = statistics.quantiles(ts, n=10)
@@ -94,7 +92,7 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
                                  clock=clock)
         row = {"bits_per_weight": raw["bits_per_weight"], "ceiling_vs_fp32": raw["ceiling_vs_fp32"],
                **_rows(raw)}
-        if cold and not cuda and n * k * 4 >= COLD_MIN_BYTES:
+        if cold and not cuda:  # every shape also cold (rotating copies), as a decode through many layers sees it
             raw_c = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
                                    clock=clock, cold=True)
             for b, r in _rows(raw_c).items():

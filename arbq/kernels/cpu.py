@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from arbq.packed.codec import PackedLinear, full_col_scale
+from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
 
 NAME = "cpu"
@@ -164,10 +164,8 @@ def prepare_lut(p: PackedLinear) -> dict:
     smask = smask.to(torch.int32).where(smask < 32768, smask - 65536).to(torch.int16).contiguous()
     counts = torch.bincount(sidx // bs, minlength=spec.n_blocks)
     soff = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    vals = p["values"]
-    vscale = float(p["values_scale"]) if "values_scale" in p.tensors else 1.0
-    keep16 = vals.dtype == torch.float16 and vscale == 1.0
-    vals = vals if keep16 else vals.float() * vscale
+    keep16 = p["values"].dtype == torch.float16 and "values_scale" not in p.tensors
+    vals = p["values"] if keep16 else decode_scales(p.tensors, "values")
     t, v = vals.shape[1], vals.shape[2]
     vt = torch.zeros(16 * n16, t, v, dtype=vals.dtype)
     vt[:n] = vals
