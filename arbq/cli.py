@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def calibrate(
 def binarize(
     model: str = typer.Argument(..., help="Local HF dir, hub id, or .gguf file."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory."),
-    method: str = typer.Option(None, help="sign | billm | arb | x | rc (default from the recipe: rc)."),
+    method: str = typer.Option(None, help="sign | billm | arb | x | rc | gptq (arbq.methods.registry; default from "
+                                           "the recipe: rc)."),
     cgb: bool = typer.Option(None, "--cgb/--no-cgb", help="Column-group bitmap for salient columns."),
     recipe: str = typer.Option(None, help="Recipe YAML path or name under recipes/ (flags override it)."),
     calib: Path = typer.Option(None, help="Directory written by `arbq calibrate` (else run it into RUN/calib)."),
@@ -62,6 +65,8 @@ def binarize(
     search_fit: str = typer.Option(None, help="Mask scoring: plain (closed form, fast) | method (own binarizers)."),
     split_error: str = typer.Option(None, help="Non-salient split scored by: weight | output error."),
     blocksize: int = typer.Option(None, help="Columns per block."),
+    bits: int = typer.Option(None, help="gptq: bits per code (2 | 3 | 4 | 8)."),
+    group: int = typer.Option(None, help="gptq: columns per scale and zero point."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
     search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
@@ -84,7 +89,7 @@ def binarize(
 
     cfg = load_recipe(recipe).replace(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
-        split_error=split_error,
+        split_error=split_error, bits=bits, group=group,
         blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
         split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -110,7 +115,8 @@ def pack(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="HF dir, hub id, .gguf, RUN/model-fake or a packed dir."),
-    ppl: str = typer.Option("wikitext2", help="Comma list of texts: wikitext2,c4,ptb,PATH.txt (PATH@A:B)."),
+    ppl: str = typer.Option(None, help="Comma list of texts: wikitext2,c4,ptb,PATH.txt (PATH@A:B); default "
+                                       "wikitext2 unless --tasks is given."),
     tasks: str = typer.Option(None, help="Comma list of lm-eval tasks or task YAML files."),
     include_path: Path = typer.Option(None, help="Extra lm-eval task directory."),
     seqlen: int = typer.Option(2048, min=2, help="Perplexity window length."),
@@ -123,7 +129,8 @@ def evaluate(
     """Perplexity (GPTQ protocol: non-overlapping windows) and zero-shot tasks via lm-eval."""
     from arbq.stages.evaluate import run_eval
 
-    run_eval(model, ppl=_csv(ppl), tasks=_csv(tasks), include_path=include_path, seqlen=seqlen,
+    texts = _csv(ppl) if ppl is not None or tasks else ["wikitext2"]   # --tasks alone: only the tasks
+    run_eval(model, ppl=texts, tasks=_csv(tasks), include_path=include_path, seqlen=seqlen,
              max_windows=max_windows, limit=limit, batch_size=batch_size, device=device, json_out=json_out)
 
 
@@ -139,18 +146,57 @@ def generate(
     typer.echo(run_generate(model, prompt, max_new_tokens=max_new_tokens))
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM (what a preempted Slurm job gets) arrived. A BaseException, like
+    KeyboardInterrupt, so every `finally` cleans up on the way out; not a KeyboardInterrupt, which
+    click would turn into "Aborted!" and exit 1."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_IGN)    # a second signal must not interrupt the cleanup
+    raise Interrupted(signum)
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
+                errno.ENOTDIR, errno.EISDIR, errno.EFBIG, errno.EIO}
+
+
+def _io_error(e: BaseException) -> str | None:
+    """The one-line message for an OS or safetensors error that escaped the stages' own checks (e.g. a
+    full disk inside transformers' save_pretrained), or None for an unexpected error (a bug: traceback)."""
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror or e}"
+    if type(e).__name__ == "SafetensorError":
+        return str(e).strip().splitlines()[0] if str(e).strip() else "safetensors error"
+    return None
+
+
 def main() -> None:
     # arbq draws its own rich progress; silence transformers' bars and advisory warnings
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     try:
         app()
     except ArbqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted (rerun with --resume to continue)", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name} (rerun with --resume to continue)", file=sys.stderr)
+        sys.exit(128 + signum)
+    except Exception as e:
+        msg = _io_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Atomic file writes, hashing and JSON manifests.
+"""Atomic file writes, hashing, JSON manifests and output-dir locks.
 
-Every file arbq writes goes to `<name>.tmp-<pid>` first and is renamed into place, so an
-interrupted run never leaves a half-written file under the final name.
+Every file arbq writes goes to `.<name>.tmp-<pid>` first, is fsynced and renamed into place (and the
+directory fsynced), so an interrupted run never leaves a half-written file under the final name; the
+next run in that dir removes scratch left by a killed one. Every OS or serialisation error on write
+(full disk, permissions, read-only filesystem, a file where a dir should be) is one ArbqError naming
+the path. `output_lock` gives one process at a time a dir to write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,23 +28,159 @@ from safetensors.torch import load_file, save_file
 
 from arbq.errors import ArbqError
 
+LOCK_NAME = ".arbq.lock"
+_SCRATCH = re.compile(r"(?:^\.activations-|\.tmp-)(\d+)(?:-|$)")
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> ArbqError:
+    """One-line ArbqError for an OS or safetensors error while writing `path`."""
+    if isinstance(e, OSError):
+        if e.errno == errno.ENOSPC:
+            return ArbqError(f"no space left on device while writing {path}")
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+        return ArbqError(f"cannot write {path}: {e.strerror or e}{where}")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "No space left" in first or "os error 28" in first:
+        return ArbqError(f"no space left on device while writing {path}")
+    return ArbqError(f"cannot write {path}: {first}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn OSError / SafetensorError raised inside the block into a one-line ArbqError naming `path`
+    (for writers arbq does not own, such as transformers' `save_pretrained`)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise write_error(path, e) from None
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """mkdir -p `path`; a file in the way, EACCES or EROFS is a one-line ArbqError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ArbqError(f"cannot write {path}: a file of that name exists (expected a directory)") from None
+    except OSError as e:
+        raise write_error(path, e) from None
+    return path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file's data (or a directory's entries) so a rename after it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):   # some filesystems cannot fsync dirs
+            raise
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it."""
+    """Yield a temporary path beside `path`; on success fsync it, rename it onto `path` and fsync the
+    dir, else delete it. OS and safetensors errors become one-line ArbqErrors naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    if path.is_dir():
+        raise ArbqError(f"cannot write {path}: it is a directory")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise ArbqError(f"no space left on device while writing {path}") from None
-        raise
+        fsync_path(path.parent)
+    except (OSError, SafetensorError) as e:
+        raise write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(root: str | os.PathLike, prefix: str = "", depth: int = 2) -> list[Path]:
+    """Delete scratch under `root` (at most `depth` dirs down: RUN/calib/stats) left by killed runs:
+    `*.tmp-<pid>` files and dirs and `.activations-<pid>-*` dirs whose process is gone. `prefix`
+    limits it to names in `root` itself starting so. Returns what was removed."""
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        if len(Path(dirpath).relative_to(root).parts) >= depth:
+            dirnames.clear()
+        for name in list(dirnames) + filenames:
+            m = _SCRATCH.search(name)
+            if not m or not name.startswith(prefix) or _pid_alive(int(m.group(1))):
+                continue
+            p = Path(dirpath) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                if name in dirnames:
+                    dirnames.remove(name)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p)
+        if Path(dirpath) == root and prefix:
+            dirnames.clear()
+    return removed
+
+
+def _lock_owner(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        pid = ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, beside: bool = False) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking lock on the output dir `out` for the whole block, then remove
+    the stale scratch of killed runs in it.
+
+    The lock is `out/.arbq.lock` (`beside=True`: `<parent>/.<name>.arbq.lock`, for an output that is
+    replaced as a whole, such as a packed dir). A second writer (e.g. a requeued Slurm task while the
+    first still runs) is refused with one line instead of mixing its files with the first's. The lock is
+    an flock: it dies with its process, so a killed run never blocks the next one."""
+    out = Path(out)
+    lock = out.parent / f".{out.name}.arbq.lock" if beside else out / LOCK_NAME
+    make_dirs(lock.parent)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise write_error(lock, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArbqError(f"{out} is being written by another arbq process{_lock_owner(fd)}; wait for it "
+                            f"to finish or choose another -o") from None
+        except OSError as e:
+            raise write_error(lock, e) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_scratch(out.parent, prefix=f".{out.name}.") if beside else remove_stale_scratch(out)
+        yield out
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -35,9 +35,10 @@ def _rows(raw: dict) -> dict:
 def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, warmup: int, device: str) -> dict:
     """bench_shape's protocol on CUDA: dense bf16 matmul vs BinaryLinear, CUDA-event timings."""
     from arbq.kernels.bench import random_result
+    from arbq.methods.registry import scheme_for
     from arbq.packed.binary_linear import BinaryLinear
     from arbq.packed.codec import pack_linear
-    from arbq.packed.format import formula_bits, scheme_for
+    from arbq.packed.format import formula_bits
 
     res = random_result(n, k, method, cgb)
     packed = pack_linear(res, scheme_for(method, cgb), "fp16")

@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 echo "== calibrate: $NSAMPLES x $SEQLEN tokens from botchan.txt[0:80%]"
 arbq calibrate "$MODEL" --data "$TEXT@0:0.8" --nsamples "$NSAMPLES" --seqlen "$SEQLEN" --no-stats \
     -o "$OUT/calib" --resume
-echo "== binarize: rc + cgb (recipes/rc-cgb.yaml)"
+echo "== binarize: rc + cgb (arbq/recipes/rc-cgb.yaml)"
 arbq binarize "$MODEL" --recipe rc-cgb --calib "$OUT/calib" -o "$OUT/rc-cgb" --resume
 echo "== pack"
 arbq pack "$OUT/rc-cgb" -o "$OUT/rc-cgb-packed" --json "$OUT/size.json"

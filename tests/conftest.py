@@ -22,15 +22,22 @@ def tiny_config(model_type: str = "llama", **kw):
     if model_type == "opt":
         base = dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=49152,
                     max_position_embeddings=512, word_embed_proj_dim=64)
+    if model_type in ("gemma3_text", "gemma3"):   # one sliding-window (16 tokens) and one full-attention layer
+        base.update(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
     base.update(kw)
+    if model_type == "gemma3":                    # multimodal: the language model + a tiny SigLIP tower
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        return AutoConfig.for_model(model_type, text_config=base, vision_config=vision, mm_tokens_per_image=4)
     return AutoConfig.for_model(model_type, **base)
 
 
 def _require(path):
-    """The fixture path; skip locally when absent, fail under CI (where `make test` fetches it)."""
+    """The fixture path; skip when absent in a bare `pytest` run, fail under CI and under `make test` /
+    `make test-fast` (ARBQ_REQUIRE_FIXTURES=1), which fetch it first, so nothing is skipped silently."""
     if not path.exists():
         msg = f"fixture missing: {path} (run `make fixtures`)"
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or os.environ.get("ARBQ_REQUIRE_FIXTURES"):
             pytest.fail(msg)
         pytest.skip(msg)
     return path

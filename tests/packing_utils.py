@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
-from arbq.packed.format import scheme_for
 
 # (method, cgb) flavours the format distinguishes
 FLAVOURS = [("sign", False), ("billm", False), ("arb", True), ("x", False), ("x", True), ("rc", False),
@@ -66,7 +66,7 @@ def write_run(run: Path, model_dir: Path, method: str = "rc", cgb: bool = True, 
             w = layer.get_submodule(name).weight
             results[name] = random_result(w.shape[0], w.shape[1], method, cgb, blocksize, seed=seed + 100 * i + j)
             out[(i, name)] = results[name]
-        rd.write_layer(i, results, [{"layer": i, "linear": n} for n in results])
+        rd.write_layer(i, results, [{"layer": i, "linear": n} for n in results], dict.fromkeys(results, method))
     info = {"format": RUN_FORMAT, "model": str(model_dir), "model_type": cfg.model_type,
             "num_layers": cfg.num_hidden_layers, "linears": list(spec.linears),
             "recipe": {"method": method, "cgb": cgb, "blocksize": blocksize, "iters": 15},

@@ -11,9 +11,9 @@ from packing_utils import FLAVOURS, random_result
 from arbq import kernels
 from arbq.errors import ArbqError
 from arbq.kernels import cpu
+from arbq.methods.registry import scheme_for
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
-from arbq.packed.format import scheme_for
 
 SHAPES = [(37, 200, 32), (64, 256, 128), (5, 24, 8), (9, 520, 64), (1, 136, 16)]
 

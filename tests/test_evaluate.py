@@ -24,7 +24,7 @@ from arbq.stages.perplexity import PROTOCOL, perplexity
 from arbq.stages.zeroshot import resolve_tasks, run_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_YAML = REPO / "recipes" / "tasks" / "botchan_cloze.yaml"
+TASK_YAML = REPO / "arbq" / "recipes" / "tasks" / "botchan_cloze.yaml"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 # Measured on the fixture (SmolLM2-135M, float32, CPU): botchan.txt, seqlen 2048, all 34 windows

@@ -77,8 +77,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_fit_is_exactly_what_pack_stores(method, scale_dtype):
     """Scales and means are rounded to the storage dtype inside the block loop, so the packed linear
     dequantizes to exactly the fake-quant weight (and the error compensation saw those values)."""
+    from arbq.methods.registry import scheme_for
     from arbq.packed.codec import dequantize_packed, pack_linear
-    from arbq.packed.format import scheme_for
 
     torch.manual_seed(0)
     W = torch.randn(48, 80) * 0.05

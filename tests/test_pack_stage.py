@@ -81,7 +81,7 @@ def test_size_report(tiny):
     files = sum(p.stat().st_size for p in tiny["packed"].glob("*.safetensors"))
     assert rep["model"]["packed_bytes"] == files
     cfg = json.loads((tiny["packed"] / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "arbq" and cfg["format_version"] == 1 and cfg["bit_order"] == "little"
+    assert cfg["quant_method"] == "arbq" and cfg["format_version"] == 2 and cfg["bit_order"] == "little"
     assert len(cfg["modules"]) == 14 and is_packed(tiny["packed"]) and not is_packed(tiny["model"])
 
 
@@ -179,7 +179,7 @@ def test_refuses_config_shape_disagreement(packed_copy):
         arbq.load(packed_copy)
 
     def salient(c):
-        c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["n_salient"] += 8
+        c["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["params"]["n_salient"] += 8
     _edit_config(packed_copy, lambda c: c.update(intermediate_size=96))
     _edit_config(packed_copy, salient)
     with pytest.raises(ArbqError, match="shape"):

@@ -7,6 +7,7 @@ import torch
 from packing_utils import FLAVOURS, random_result
 
 from arbq.errors import ArbqError
+from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
 from arbq.packed.codec import check_representable, dequantize_packed, pack_linear, unpack_rows
 from arbq.packed.format import (
@@ -15,7 +16,6 @@ from arbq.packed.format import (
     measured_bits,
     pack_bits,
     paper_bits,
-    scheme_for,
     unpack_bits,
 )
 
@@ -129,7 +129,9 @@ def test_fp16_overflow_is_an_error():
 
 
 def test_unknown_method_and_scale_dtype():
-    with pytest.raises(ArbqError, match="cannot pack method"):
+    with pytest.raises(ArbqError, match="unknown method"):
+        scheme_for("nope", False)
+    with pytest.raises(ArbqError, match="binary layout"):
         scheme_for("gptq", False)
     res = random_result(4, 32, "rc", True, blocksize=16)
     with pytest.raises(ArbqError, match="scale dtype"):

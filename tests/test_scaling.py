@@ -235,7 +235,7 @@ def test_lmeval_entry_point_loads_packed_dirs(tmp_path, tiny_llama_dir, monkeypa
     write_run(tmp_path / "run", tiny_llama_dir, method="rc", cgb=True, blocksize=32)
     packed = tmp_path / "packed"
     run_pack([tmp_path / "run"], packed, dtype="fp32", scale_dtype="fp32")
-    task = Path(__file__).resolve().parents[1] / "recipes" / "tasks" / "botchan_cloze.yaml"
+    task = Path(__file__).resolve().parents[1] / "arbq" / "recipes" / "tasks" / "botchan_cloze.yaml"
     res = subprocess.run([sys.executable, "-m", "arbq.lmeval", "--model", "hf", "--model_args",
                           f"pretrained={packed},dtype=float32", "--tasks", "botchan_cloze", "--include_path",
                           str(task.parent), "--limit", "6", "--device", "cpu", "--output_path", str(tmp_path / "out")],

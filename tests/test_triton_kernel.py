@@ -14,9 +14,9 @@ import torch
 from packing_utils import FLAVOURS, random_result
 
 from arbq import kernels
+from arbq.methods.registry import scheme_for
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
-from arbq.packed.format import scheme_for
 
 pytest.importorskip("triton")
 

@@ -1,7 +1,9 @@
 """Kernel backends for BinaryLinear, chosen by name with a fallback to the pure-torch one.
 
-A backend is a module with NAME, `supports(p, x) -> bool` and `matmul(p, x, cache) -> y`, where
-p is an arbq.packed.codec.PackedLinear, x: [M, K] float and y: [M, N] float32 = x @ Ŵᵀ.
+A backend is a module with NAME, LAYOUTS (the packed layouts it runs, arbq.packed.layouts; ALL for the
+torch backend), `supports(p, x) -> bool` (asked only for a layout in LAYOUTS) and
+`matmul(p, x, cache) -> y`, where p is an arbq.packed.codec.PackedLinear, x: [M, K] float and
+y: [M, N] float32 = x @ Ŵᵀ. The torch backend runs every layout, so it is the fallback for all.
 `cache` is a dict owned by the calling module, for derived tensors a backend prepares once.
 Choose with the ARBQ_KERNEL environment variable (auto | cpu | triton | torch) or BinaryLinear.backend.
 """
@@ -19,6 +21,7 @@ from arbq.errors import ArbqError
 BACKENDS: dict[str, str] = {"cpu": "arbq.kernels.cpu", "triton": "arbq.kernels.triton_gpu",
                             "torch": "arbq.kernels.torch_ref"}
 AUTO_ORDER = ("cpu", "triton", "torch")
+ALL = "*"
 
 
 def backend(name: str) -> ModuleType:
@@ -32,12 +35,22 @@ def default_name() -> str:
     return os.environ.get("ARBQ_KERNEL", "auto")
 
 
+def runs_layout(mod: ModuleType, layout: str) -> bool:
+    return mod.LAYOUTS == ALL or layout in mod.LAYOUTS
+
+
+def backends_for(layout: str) -> list[str]:
+    """Names of the backends that run `layout` (the torch backend runs all of them)."""
+    return [n for n in BACKENDS if runs_layout(backend(n), layout)]
+
+
 def pick(p, x: torch.Tensor, name: str | None = None) -> ModuleType:
-    """The backend named (or ARBQ_KERNEL, or the first of AUTO_ORDER) that supports (p, x); else torch."""
+    """The backend named (or ARBQ_KERNEL, or the first of AUTO_ORDER) that runs p's layout and supports
+    (p, x); else torch."""
     name = name or default_name()
     for cand in (AUTO_ORDER if name == "auto" else (name,)):
         mod = backend(cand)
-        if mod.supports(p, x):
+        if runs_layout(mod, p.spec.layout) and mod.supports(p, x):
             return mod
     return backend("torch")
 

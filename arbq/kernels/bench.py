@@ -17,10 +17,11 @@ import time
 
 import torch
 
+from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
-from arbq.packed.format import formula_bits, scheme_for
+from arbq.packed.format import formula_bits
 
 
 def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, salient_frac: float = 0.08,

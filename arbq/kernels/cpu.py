@@ -2,8 +2,12 @@
 
 Built with torch.utils.cpp_extension.load (-O3 -march=native, OpenMP) into TORCH_EXTENSIONS_DIR under a
 name that includes a hash of the CPU's feature flags, so a cache shared between machines never runs
-code compiled for another CPU. If the build fails (no compiler, no ninja) the backend reports itself
-unsupported and BinaryLinear falls back to the torch backend.
+code compiled for another CPU. The build runs in a child process with a timeout (ARBQ_BUILD_TIMEOUT,
+default 600 s): torch waits forever on the `lock` file of a build that was killed, so a lock older than
+the timeout is removed first, and a build that still times out is abandoned (its lock removed). The
+built library's sha256 is kept next to it (`<name>.so.sha256`) and checked before every load; a library
+without a matching hash is rebuilt. If the build fails (no compiler, no ninja, timeout) the backend
+reports itself unsupported with one warning line and BinaryLinear falls back to the torch backend.
 
 Batch M < BATCH_TILE: the kernel loops over x rows (memory-bound decode). M >= BATCH_TILE: rows of Ŵ
 are dequantized TILE_ROWS at a time by the kernel and multiplied with torch.matmul (compute-bound
@@ -15,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import subprocess
 import sys
-import warnings
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +30,7 @@ from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
 
 NAME = "cpu"
+LAYOUTS = ("binary",)
 BATCH_TILE = 8
 TILE_ROWS = 256
 SOURCE = Path(__file__).with_name("binary_gemv.cpp")
@@ -63,22 +69,88 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def _name() -> str:
+    return f"arbq_binary_gemv_{_cpu_tag()}_{_source_tag()}"
+
+
+def _build_timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get("ARBQ_BUILD_TIMEOUT", "600")))
+    except ValueError:
+        return 600.0
+
+
+def _build(name: str) -> None:
+    """torch's JIT build of the kernel (run in the child process started by `_build_with_timeout`)."""
+    from torch.utils.cpp_extension import load
+
+    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ARBQ_VERBOSE_BUILD")))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _remove_stale_lock(lock: Path, older_than: float) -> None:
+    """torch's build lock (a bare file, no owner pid) left by a build killed mid-way; any live build
+    finishes within the timeout, so a lock older than that is stale."""
+    try:
+        if time.time() - lock.stat().st_mtime > older_than:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _build_with_timeout(name: str, build_dir: Path) -> None:
+    """Build in a child process; raise RuntimeError (one line) on failure or after the timeout."""
+    timeout = _build_timeout()
+    lock = build_dir / "lock"
+    _remove_stale_lock(lock, timeout)
+    print("arbq: building the CPU kernel (once per machine, about a minute)...", file=sys.stderr)
+    cmd = [sys.executable, "-c", f"from arbq.kernels import cpu; cpu._build({name!r})"]
+    verbose = bool(os.environ.get("ARBQ_VERBOSE_BUILD"))
+    try:
+        subprocess.run(cmd, timeout=timeout, check=True, stdin=subprocess.DEVNULL,
+                       stdout=None if verbose else subprocess.DEVNULL,
+                       stderr=None if verbose else subprocess.PIPE)
+    except subprocess.TimeoutExpired:
+        lock.unlink(missing_ok=True)           # ours (the child was killed) or one we waited on for too long
+        raise RuntimeError(f"build timed out after {timeout:.0f} s (ARBQ_BUILD_TIMEOUT)") from None
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"build exited with {e.returncode}") from None
+
+
+def _load_verified(name: str):
+    """Build if needed, check the library against the sha256 kept next to it, import it."""
+    from torch.utils.cpp_extension import _get_build_directory, _import_module_from_library
+
+    build_dir = Path(_get_build_directory(name, False))
+    so, digest = build_dir / f"{name}.so", build_dir / f"{name}.so.sha256"
+    if so.is_file() and not (digest.is_file() and digest.read_text().strip() == _sha256(so)):
+        for f in [so, digest, *build_dir.glob("*.o")]:      # unverified: rebuild it from source
+            f.unlink(missing_ok=True)
+    if not so.is_file():
+        _build_with_timeout(name, build_dir)
+        if not so.is_file():
+            raise RuntimeError(f"the build left no {so.name}")
+        tmp = digest.with_name(f".{digest.name}.tmp-{os.getpid()}")
+        tmp.write_text(_sha256(so) + "\n")
+        os.replace(tmp, digest)
+    return _import_module_from_library(name, str(build_dir), True)
+
+
 def extension():
-    """The compiled module, or None if it cannot be built here (the reason is warned once)."""
+    """The compiled module, or None if it cannot be built here (the reason is one warning line, once)."""
     global _ext
     if _ext is None:
         try:
-            from torch.utils.cpp_extension import _get_build_directory, load
-
-            name = f"arbq_binary_gemv_{_cpu_tag()}_{_source_tag()}"
-            if not any(Path(_get_build_directory(name, False)).glob("*.so")):
-                print("arbq: building the CPU kernel (once per machine, about a minute)...", file=sys.stderr)
-            _ext = load(name=name, sources=[str(SOURCE)],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                        verbose=bool(os.environ.get("ARBQ_VERBOSE_BUILD")))
+            _ext = _load_verified(_name())
         except Exception as e:  # any build failure means: use the torch backend
-            warnings.warn(f"arbq: C++ kernel unavailable, using torch fallback ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})", stacklevel=2)
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            print(f"arbq: warning: C++ kernel unavailable, using the torch backend ({type(e).__name__}: {reason})",
+                  file=sys.stderr)
             _ext = False
     return _ext or None
 

@@ -22,6 +22,7 @@ from arbq.packed.codec import PackedLinear, full_col_scale
 from arbq.packed.format import unpack_bits
 
 NAME = "triton"
+LAYOUTS = ("binary",)
 DOT_MIN = 16
 TILE_ROWS = 1024
 BLOCK_ROWS = 16

@@ -7,14 +7,18 @@ g is the group bit (magnitude split). Output is in the LinearResult slot layout 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from arbq.methods import masks as mk
 from arbq.methods.binarizers import Fit
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.registry import GroupFit, Method
 from arbq.methods.result import LinearResult
+
+if TYPE_CHECKING:
+    from arbq.methods.binary import BinaryMethod as Method
+    from arbq.methods.binary import GroupFit
 
 Tensor = torch.Tensor
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,12 @@ import yaml
 
 from arbq.errors import ArbqError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# keys that hold for the whole run (a per-module override cannot change them)
+GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore")
+CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
+           "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
+           "scale_dtype": ("fp16", "bf16", "fp32"), "salient": ("hessian", "magnitude")}
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,15 @@ class BinarizeConfig:
                    "with_zeros": the non-salient thresholds include the zeroed salient columns (reference)
     scale_dtype:   scales and means are rounded to this dtype (fp16 | bf16 | fp32) as each block is
                    fitted, so the error compensation, model-fake and `arbq pack` all see the stored values
+    bits, group:   uniform methods (gptq): bits per code, columns per scale/zero group
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
+    overrides:     per-module settings, applied in order to the modules they target (later ones win):
+                   [{"targets": ["re:.*mlp\\.down_proj", "model.layers.0.self_attn.q_proj", "o_proj"], "method":
+                   "gptq", "bits": 4}, ...]; a target is a full module name, a dotted suffix of one, or
+                   "re:" + a regular expression that must match the whole name
+    ignore:        targets (same syntax) left in full precision
     """
 
     method: str = "rc"
@@ -58,8 +70,12 @@ class BinarizeConfig:
     search_on: str = "weight"
     split_quantiles: str = "members"
     scale_dtype: str = "fp16"
+    bits: int = 4
+    group: int = 128
     sequential: bool = True
     true_sequential: bool = False
+    overrides: tuple = ()
+    ignore: tuple = ()
 
     def replace(self, **overrides: Any) -> BinarizeConfig:
         """A copy with the non-None overrides applied (CLI flags override the recipe)."""
@@ -72,31 +88,136 @@ class BinarizeConfig:
         return BinarizeConfig(**vals).checked()
 
     def checked(self) -> BinarizeConfig:
-        from arbq.methods.registry import METHODS
+        """Types, ranges and choices of every key (one line naming the bad key), the method's own checks,
+        and every override resolved and checked the same way."""
+        from arbq.methods.registry import get_method
 
-        if self.method not in METHODS:
-            raise ArbqError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.search_fit not in ("plain", "method"):
-            raise ArbqError(f"unknown search_fit {self.search_fit!r}; choose plain or method")
-        for key, allowed in (("search_on", ("weight", "salience")), ("split_quantiles", ("members", "with_zeros")),
-                             ("split_error", ("weight", "output")), ("scale_dtype", ("fp16", "bf16", "fp32"))):
+        _check_types(self)
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ArbqError(f"unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
-        if self.salient not in ("hessian", "magnitude"):
-            raise ArbqError(f"unknown salience metric {self.salient!r}; choose hessian or magnitude")
+                raise ArbqError(f"recipe: unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
         for key in ("iters", "x_iters", "search_iters"):
             if getattr(self, key) < 0:
-                raise ArbqError(f"{key} must be >= 0")
+                raise ArbqError(f"recipe: {key} must be >= 0")
         if self.blocksize < 8 or self.blocksize % 8:
-            raise ArbqError("blocksize must be a positive multiple of 8")
+            raise ArbqError("recipe: blocksize must be a positive multiple of 8")
         if not 0 < self.percdamp < 10:
-            raise ArbqError("percdamp must be in (0, 10)")
+            raise ArbqError("recipe: percdamp must be in (0, 10)")
         if self.max_salient < 1 or self.split_points < 1:
-            raise ArbqError("max_salient and split_points must be >= 1")
-        return self
+            raise ArbqError("recipe: max_salient and split_points must be >= 1")
+        rec = get_method(self.method)
+        if rec.check:
+            rec.check(self)
+        overrides = tuple(_checked_override(o, i) for i, o in enumerate(self.overrides))
+        ignore = tuple(_targets(list(self.ignore), "ignore"))
+        out = self if (overrides, ignore) == (self.overrides, self.ignore) else \
+            BinarizeConfig(**{**asdict(self), "overrides": overrides, "ignore": ignore})
+        methods = {self.method}   # an override without `method` may stack on an earlier one's method
+        for i, o in enumerate(overrides):
+            sub = out.with_override(o)
+            candidates = {sub.method} if "method" in o else methods
+            bad = set(o) - {"targets", "method"} - {k for m in candidates for k in get_method(m).keys}
+            if bad:
+                raise ArbqError(f"recipe: override {i} sets {', '.join(sorted(bad))}, which method "
+                                f"{' / '.join(sorted(candidates))} does not read")
+            sub.checked()
+            methods = methods | {sub.method}
+        return out
+
+    def check_modules(self, names: list[str]) -> None:
+        """Resolve every module's settings before any work starts: each must be a valid recipe whose method
+        reads every key its overrides set (one line naming the module)."""
+        from arbq.methods.registry import get_method
+
+        for name in names:
+            cfg = self.for_module(name)
+            if cfg is None:
+                continue
+            keys = {k for o in self.overrides if any(target_matches(t, name) for t in o["targets"]) for k in o}
+            bad = keys - {"targets", "method"} - set(get_method(cfg.method).keys)
+            if bad:
+                raise ArbqError(f"recipe: {name} gets {', '.join(sorted(bad))} from an override, but its method "
+                                f"{cfg.method!r} does not read it")
+            cfg.checked()
+
+    def with_override(self, override: dict) -> BinarizeConfig:
+        vals = asdict(self)
+        vals.update({k: v for k, v in override.items() if k != "targets"})
+        return BinarizeConfig(**{**vals, "overrides": (), "ignore": ()})
+
+    def for_module(self, name: str) -> BinarizeConfig | None:
+        """The settings of the module `name` (e.g. model.layers.3.mlp.down_proj): the recipe with every
+        override that targets it applied in order; None when `ignore` targets it (kept full precision)."""
+        if any(target_matches(t, name) for t in self.ignore):
+            return None
+        out = self
+        for o in self.overrides:
+            if any(target_matches(t, name) for t in o["targets"]):
+                out = out.with_override(o)
+        return out if out is self else BinarizeConfig(**{**asdict(out), "overrides": (), "ignore": ()})
+
+    def label(self) -> str:
+        """e.g. rc+cgb, gptq-3b-g64: how reports name the method of a module."""
+        if self.method == "gptq":
+            return f"gptq-{self.bits}b-g{self.group}"
+        from arbq.methods.registry import get_method
+
+        return self.method + ("+cgb" if self.cgb and get_method(self.method).layout_params(self).get("cgb") else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["overrides"] = [dict(o) for o in self.overrides]
+        d["ignore"] = list(self.ignore)
+        return d
+
+    @classmethod
+    def from_dict(cls, recipe: dict) -> BinarizeConfig:
+        """A recorded recipe (run.json), older ones completed with the defaults of keys added since."""
+        return cls().replace(**recipe)
+
+
+def target_matches(target: str, name: str) -> bool:
+    """`re:REGEX` matches the whole name; otherwise the full name or a dotted suffix of it."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    return name == target or name.endswith("." + target)
+
+
+def _targets(targets: Any, where: str) -> list[str]:
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise ArbqError(f"recipe: {where} must be a list of module names or 're:' patterns")
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise ArbqError(f"recipe: {where}: bad regular expression {t!r}: {e}") from None
+    return targets
+
+
+def _checked_override(o: Any, i: int) -> dict:
+    if not isinstance(o, dict) or "targets" not in o:
+        raise ArbqError(f"recipe: override {i} must be a mapping with 'targets'")
+    known = {f.name for f in fields(BinarizeConfig)} - set(GLOBAL_KEYS)
+    bad = set(o) - known - {"targets"}
+    if bad:
+        raise ArbqError(f"recipe: override {i} has keys that cannot be set per module: {', '.join(sorted(bad))}")
+    return {**o, "targets": _targets(o["targets"], f"override {i} targets")}
+
+
+def _check_types(cfg: BinarizeConfig) -> None:
+    """Every key has its default's type (bool is not an int, "false" is not a bool; floats accept ints)."""
+    for f in fields(cfg):
+        want, v = type(f.default), getattr(cfg, f.name)
+        if want is tuple:
+            ok = isinstance(v, (list, tuple))
+        elif want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+        if not ok:
+            raise ArbqError(f"recipe: {f.name} must be {want.__name__ if want is not tuple else 'a list'}, "
+                            f"got {v!r}")
 
 
 def load_recipe(spec: str | None) -> BinarizeConfig:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from arbq.errors import ArbqError
 from arbq.methods.block import BlockFit, choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.registry import get_method
 from arbq.methods.result import LinearResult
+
+if TYPE_CHECKING:
+    from arbq.methods.binary import BinaryMethod
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
@@ -47,16 +50,35 @@ def _assemble(blocks: list[BlockFit], blocksize: int) -> LinearResult:
         col_scale=cat("col_scale", 2), blocksize=blocksize)
 
 
-def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig, name: str = "linear"
-                    ) -> tuple[LinearResult, dict]:
-    """Binarize W: [N, K] with the method of `cfg`; H: [K, K] (None only for Hessian-free methods).
+def error_row(W0: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None, name: str, cfg: BinarizeConfig,
+              lam: float) -> dict:
+    """The report row of one linear: relative weight error ‖W − Ŵ‖²/‖W‖² and (with H) output error
+    tr(ΔHΔᵀ)/tr(WHWᵀ), Δ = W − Ŵ (H with dead inputs set to 1 on the diagonal)."""
+    delta = W0 - What
+    N, K = W0.shape
+    row = {"module": name, "method": cfg.method, "cgb": cfg.cgb, "rows": N, "cols": K,
+           "weight_err": float((delta * delta).sum() / (W0 * W0).sum().clamp_min(1e-30)), "damp": lam}
+    if H is not None:
+        out_err = float(((delta @ H) * delta).sum() / ((W0 @ H) * W0).sum().clamp_min(1e-30))
+        row["output_err"] = out_err if math.isfinite(out_err) else float("nan")
+    return row
+
+
+def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig, name: str = "linear",
+                    strategy: BinaryMethod | None = None) -> tuple[LinearResult, dict]:
+    """Binarize W: [N, K] with the binary strategy of `cfg.method` (or `strategy`); H: [K, K] (None only
+    for Hessian-free methods).
 
     Returns the result and a report row: relative weight error ‖W − Ŵ‖²/‖W‖², relative output
     error tr(ΔHΔᵀ)/tr(WHWᵀ) with Δ = W − Ŵ (= ‖XWᵀ − XŴᵀ‖²/‖XWᵀ‖² on the calibration inputs),
     damping used, seconds.
     """
     t0 = time.perf_counter()
-    method = get_method(cfg.method)
+    if strategy is None:
+        from arbq.methods.binary import STRATEGIES
+
+        strategy = STRATEGIES[cfg.method]
+    method = strategy
     W0 = W.detach().float()
     if not torch.isfinite(W0).all():
         raise ArbqError(f"{name}: weight contains NaN/Inf")
@@ -93,13 +115,7 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
     What = res.dequantize()
     if not torch.isfinite(What).all():
         raise ArbqError(f"{name}: binarization produced NaN/Inf")
-    delta = W0 - What
-    row = {"module": name, "method": cfg.method, "cgb": cfg.cgb, "rows": N, "cols": K,
-           "weight_err": float((delta * delta).sum() / (W0 * W0).sum().clamp_min(1e-30)),
-           "salient_frac": float(res.salient.float().mean()), "damp": lam}
-    if H is not None:
-        Hd = H  # dead columns have W0 ≠ 0 possibly; the original H is what the inputs see
-        out_err = float(((delta @ Hd) * delta).sum() / ((W0 @ Hd) * W0).sum().clamp_min(1e-30))
-        row["output_err"] = out_err if math.isfinite(out_err) else float("nan")
+    row = error_row(W0, What, H, name, cfg, lam)
+    row["salient_frac"] = float(res.salient.float().mean())
     row["seconds"] = round(time.perf_counter() - t0, 4)
     return res, row

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from arbq.methods import fastsearch as fs
-from arbq.methods.registry import GroupFit
+
+if TYPE_CHECKING:
+    from arbq.methods.binary import GroupFit
 
 Tensor = torch.Tensor
 ErrFn = Callable[[Tensor], Tensor]      # residual [..., N, C] → error [...]

@@ -1,49 +1,33 @@
-"""`--method` name → Method: which group binarizers and refinements a method uses.
+"""`--method` name → MethodRecord (arbq.methods.record): fit, packed layout, result type, recipe keys.
 
-`BinarizeConfig.method` is looked up here (a dict, no if-chains); the block loop only calls the
-functions a Method names.
+`BinarizeConfig.method` is looked up here (a dict, no if-chains). A new method is one file that
+defines its record(s) plus one import line below; its layout (arbq.packed.layouts) and, optionally,
+kernels (arbq.kernels) are found through the record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from arbq.errors import ArbqError
+from arbq.methods import binary, uniform_gptq
+from arbq.methods.record import MethodRecord
+from arbq.packed.format import Scheme
 
-import torch
-
-from arbq.methods import binarizers as bz
-
-GroupFit = Callable[[torch.Tensor, torch.Tensor, int], bz.Fit]   # (w, m, iters) -> Fit
+METHODS: dict[str, MethodRecord] = {r.name: r for r in [*binary.RECORDS, uniform_gptq.RECORD]}
 
 
-@dataclass(frozen=True)
-class Method:
-    """How one method binarizes a block.
-
-    fit1 / fit2:  order-1 (non-salient groups) and order-2 (salient groups) group binarizers
-    mean_form:    stores a mean μ per row and group (False for RC: ŵ = α_r·α_c·b)
-    x_refine:     after the ARB iterations, refine row parameters against S = H[block, block]
-    search:       choose salient columns and magnitude splits (BiLLM structure); False = one group
-    uses_hessian: runs inside the GPTQ loop with Hessian error compensation
-    """
-
-    name: str
-    fit1: GroupFit
-    fit2: GroupFit
-    mean_form: bool = True
-    x_refine: bool = False
-    search: bool = True
-    uses_hessian: bool = True
+def get_method(name: str) -> MethodRecord:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ArbqError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-METHODS: dict[str, Method] = {
-    "sign": Method("sign", bz.plain_order1, bz.plain_order2, search=False, uses_hessian=False),
-    "billm": Method("billm", bz.plain_order1, bz.plain_order2),
-    "arb": Method("arb", bz.arb_order1, bz.arb_order2),
-    "x": Method("x", bz.arb_order1, bz.arb_order2, x_refine=True),
-    "rc": Method("rc", bz.rc_order1, bz.rc_order2, mean_form=False),
-}
+def scheme_for(method: str, cgb: bool) -> Scheme:
+    """The binary packed scheme of a binary-family method (tests, benches): its record's layout params."""
+    from arbq.methods.config import BinarizeConfig
 
-
-def get_method(name: str) -> Method:
-    return METHODS[name]
+    rec = get_method(method)
+    if rec.layout != "binary":
+        raise ArbqError(f"cannot pack method {method!r} in the binary layout (it writes {rec.layout!r})")
+    params = rec.layout_params(BinarizeConfig(method=method, cgb=cgb))
+    return Scheme(**{k: params[k] for k in ("rc", "salient", "group", "cgb")})

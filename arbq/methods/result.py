@@ -65,6 +65,10 @@ class LinearResult:
         res.validate(prefix)
         return res
 
+    def to(self, device: str | torch.device) -> LinearResult:
+        return LinearResult(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                               for f in fields(self)})
+
     def validate(self, name: str = "linear") -> None:
         """Raise ArbqError if the tensors' shapes disagree with each other."""
         n, k = self.sign1.shape

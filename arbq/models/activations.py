@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from arbq.errors import ArbqError
+from arbq.fileio import make_dirs, write_error
 
 OFFLOAD = ("device", "cpu", "disk")
 
@@ -80,7 +82,10 @@ class DiskActivations(Activations):
     def __init__(self, n: int, path: Path):
         super().__init__(n)
         self.path = path
-        self.file = open(path, "w+b")  # closed by close()
+        try:
+            self.file = open(path, "w+b")  # closed by close()
+        except OSError as e:
+            raise write_error(path, e) from None
 
     def _offset(self, i: int) -> int:
         return i * int(torch.Size(self.shape).numel()) * 4
@@ -100,7 +105,7 @@ class DiskActivations(Activations):
         try:
             self.file.write(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         except OSError as e:
-            raise ArbqError(f"cannot write activations to {self.path}: {e.strerror}") from None
+            raise write_error(self.path, e) from None
 
     def close(self) -> None:
         if not self.file.closed:
@@ -123,12 +128,17 @@ class Scratch:
 
 @contextlib.contextmanager
 def scratch(root: Path, where: str = "cpu", device: str | torch.device = "cpu") -> Iterator[Scratch]:
-    """A Scratch for `--offload-activations where`; disk files go to a temporary dir under `root`."""
+    """A Scratch for `--offload-activations where`; disk files go to a temporary dir under `root`,
+    `.activations-<pid>-*`, removed at the end (or, after a kill, by the next run's
+    `fileio.remove_stale_scratch`)."""
     if check_offload(where) != "disk":
         yield Scratch(where, device, None)
         return
-    Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".activations-", dir=root))
+    make_dirs(root)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".activations-{os.getpid()}-", dir=root))
+    except OSError as e:
+        raise write_error(root, e) from None
     try:
         yield Scratch(where, device, tmp)
     finally:

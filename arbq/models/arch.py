@@ -3,7 +3,17 @@
 Each entry names the ModuleList of decoder layers and the linears of one decoder layer, grouped by
 shared input, in the order data flows through them ("true-sequential" order):
 attention inputs, attention output, MLP inputs, MLP output. Linears in one group share one Hessian.
-Everything else (embeddings, norms, lm_head) stays full precision.
+Everything else (embeddings, norms, lm_head) stays full precision; `unused` names the modules a
+text-only forward never touches (the vision tower of a multimodal checkpoint): they are never read
+by the layer-wise stages and are copied unchanged.
+
+What differs per layer inside one model (Gemma 2/3's sliding-window vs full-attention layers with
+their own masks and, in Gemma 3, their own rotary tables) needs no entry: the layer-wise path records
+the keyword arguments the model itself passes to each decoder layer (arbq.models.layerwise).
+
+Adding a family: if its decoder layer is called as `layer(hidden_states, **kwargs)` and its linears are
+`nn.Linear`, one row here (the layers path, the linear groups, any `unused` modules) plus a tiny random
+model in the tests is all it takes.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from arbq.errors import ArbqError
 class ArchSpec:
     layers: str                              # dotted path of the decoder-layer ModuleList
     groups: tuple[tuple[str, ...], ...]      # linears of one layer, grouped by shared input
+    unused: tuple[str, ...] = ()             # dotted paths of modules a text-only forward never runs
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -38,6 +49,11 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    # Gemma 3 multimodal (Gemma3ForConditionalGeneration): the same language model one level deeper;
+    # the SigLIP vision tower and the projector stay full precision and are never loaded layer-wise
+    "gemma3": ArchSpec(layers="model.language_model.layers", groups=_LLAMA.groups,
+                       unused=("model.vision_tower", "model.multi_modal_projector")),
     "phi3": ArchSpec(
         layers="model.layers",
         groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),

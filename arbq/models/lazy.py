@@ -12,7 +12,9 @@
 - the eager base class otherwise (.gguf, .bin, quantized checkpoints, keys it cannot map, `lazy=False`):
   the whole model is loaded on CPU as before and layers are moved to the device and back.
 Both give bit-identical tensors: checkpoint → model dtype (as `from_pretrained` casts) → float32 on
-the device for a decoder layer.
+the device for a decoder layer. Keys are matched as stored, without the base-model prefix, or through
+transformers' own renamings; fused MoE experts (one 3-D parameter built from per-expert checkpoint
+tensors) are assembled per layer (`Fused`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,20 +130,82 @@ def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Ten
     return out
 
 
-def map_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str] | None:
-    """Model state key → checkpoint key (as is, or without the base-model prefix, e.g. OPT's `model.`);
-    None if a tensor the layer-wise stages need (anything but the output embeddings) is not in the checkpoint."""
+@dataclass(frozen=True)
+class Fused:
+    """A model tensor that transformers builds from several checkpoint tensors (fused MoE experts):
+    expert e's rows are `keys[e]` concatenated along dim 0, stacked over experts → [E, Σ rows, in]
+    (e.g. `experts.gate_up_proj[e] = [gate_proj_e; up_proj_e]`, `experts.down_proj[e] = down_proj_e`)."""
+
+    keys: tuple[tuple[str, ...], ...]
+
+    def assemble(self, got: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat([got[k] for k in row]) for row in self.keys])
+
+    def __str__(self) -> str:
+        return f"{self.keys[0][0]} … ({len(self.keys)} experts fused)"
+
+
+def _sources(value: str | Fused) -> list[str]:
+    return [k for row in value.keys for k in row] if isinstance(value, Fused) else [value]
+
+
+def map_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str | Fused] | None:
+    """Model state key → checkpoint key (as is, or without the base-model prefix, e.g. OPT's `model.`,
+    or through transformers' own key renamings, e.g. a multimodal Gemma 3's `language_model.model.…` →
+    `model.language_model.…`); None if a tensor the layer-wise stages need (anything but the output
+    embeddings) is not in the checkpoint."""
     prefix = getattr(model, "base_model_prefix", "") + "."
     out_emb = model.get_output_embeddings()
     head = _name_of(model, out_emb) + "." if out_emb is not None else None
+    renamed = None
     out = {}
     for key in model.state_dict(keep_vars=True):
         if key in files:
             out[key] = key
         elif key.startswith(prefix) and key[len(prefix):] in files:
             out[key] = key[len(prefix):]
-        elif head is None or not key.startswith(head):
-            return None
+        else:
+            renamed = _renamed_keys(model, files) if renamed is None else renamed
+            if key in renamed:
+                out[key] = renamed[key]
+            elif head is None or not key.startswith(head):
+                return None
+    return out
+
+
+def _renamed_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str | Fused]:
+    """Model key → checkpoint key(s) by the renamings and expert-merging converters `from_pretrained`
+    applies (empty when this transformers has none, or a converter does something else: not lazily loadable)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightRenaming, rename_source_key
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    state = model.state_dict(keep_vars=True)
+    out: dict[str, str | Fused] = {}
+    parts: dict[str, dict[tuple[int, int], str]] = {}      # model key → {(expert, source pattern #): ck}
+    sources: dict[str, int] = {}                            # model key → number of source patterns
+    for ck in files:
+        key, pattern = rename_source_key(ck, renamings, converters, getattr(model, "base_model_prefix", None), state)
+        if pattern is None:
+            out[key] = ck
+            continue
+        conv = by_pattern.get(pattern)
+        ops = [(type(op), getattr(op, "dim", None)) for op in getattr(conv, "operations", [None])]
+        hit = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), ck)
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]) or hit is None:
+            return {}
+        parts.setdefault(key, {})[int(hit.group(1)), conv.source_patterns.index(pattern)] = ck
+        sources[key] = len(conv.source_patterns)
+    for key, got in parts.items():
+        n_exp = max(e for e, _ in got) + 1
+        if len(got) != n_exp * sources[key]:
+            return {}
+        out[key] = Fused(tuple(tuple(got[e, j] for j in range(sources[key])) for e in range(n_exp)))
     return out
 
 
@@ -189,9 +255,9 @@ class LayerwiseModel:
         self.layers: nn.ModuleList = archmod.decoder_layers(model, spec)
         self.tied = _tied(model)
         out_emb = model.get_output_embeddings()
-        skip = [spec.layers] + ([_name_of(model, out_emb)] if out_emb is not None else [])
-        # (name, module) of every module but the decoder layers and the output embeddings (tied ones share
-        # the input embeddings' weight): what runs before layer 0
+        skip = [spec.layers, *spec.unused] + ([_name_of(model, out_emb)] if out_emb is not None else [])
+        # (name, module) of every module but the decoder layers, the output embeddings (tied ones share
+        # the input embeddings' weight) and the modules a text forward never runs: what runs before layer 0
         self.stem = [(n, m) for n, m in model.named_modules() if not any(n == s or n.startswith(s + ".")
                                                                           for s in skip)]
         self._dtypes: dict[int, torch.dtype] = {}
@@ -236,7 +302,8 @@ class LazyModel(LayerwiseModel):
 
     lazy = True
 
-    def __init__(self, model: nn.Module, spec: archmod.ArchSpec, files: dict[str, Path], keymap: dict[str, str]):
+    def __init__(self, model: nn.Module, spec: archmod.ArchSpec, files: dict[str, Path],
+                 keymap: dict[str, str | Fused]):
         super().__init__(model, spec)
         self.files, self.keymap = files, keymap
 
@@ -245,9 +312,10 @@ class LazyModel(LayerwiseModel):
         model dtype and put on `device`."""
         want = [(f"{name}.{k}" if name else k, mod, k, t) for name, mod in modules
                 for k, t, stored in _own_tensors(mod) if stored and t.device.type == "meta"]
-        got = read_tensors(self.files, [self.keymap[full] for full, *_ in want])
+        got = read_tensors(self.files, [ck for full, *_ in want for ck in _sources(self.keymap[full])])
         for full, mod, k, t in want:
-            value = got[self.keymap[full]]
+            src = self.keymap[full]
+            value = src.assemble(got) if isinstance(src, Fused) else got[src]
             if value.shape != t.shape:
                 raise ArbqError(f"{self.keymap[full]}: checkpoint shape {tuple(value.shape)} does not match the "
                                 f"model's {tuple(t.shape)} (config.json and weights disagree)")

@@ -1,9 +1,9 @@
-"""The packed 1-bit format (format.py, codec.py), its runtime module (binary_linear.py), the loader
-(loader.py) and the transformers quantizer registration (hf_quantizer.py)."""
+"""The packed layouts (layouts.py: "binary" in format.py + codec.py, "uniform" in uniform.py), their runtime
+module (binary_linear.py), the loader (loader.py) and the transformers quantizer (hf_quantizer.py)."""
 
-from arbq.packed.format import FORMAT_VERSION, LinearSpec, Scheme, scheme_for
+from arbq.packed.format import FORMAT_VERSION, LinearSpec, Scheme
 
-__all__ = ["FORMAT_VERSION", "LinearSpec", "Scheme", "scheme_for", "load", "is_packed", "BinaryLinear"]
+__all__ = ["FORMAT_VERSION", "LinearSpec", "Scheme", "load", "is_packed", "BinaryLinear"]
 
 
 def __getattr__(name: str):

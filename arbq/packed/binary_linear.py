@@ -1,4 +1,4 @@
-"""BinaryLinear: an nn.Linear replacement that holds only packed bits and scales and runs from them."""
+"""BinaryLinear: an nn.Linear replacement that holds only a packed layout's tensors and runs from them."""
 
 from __future__ import annotations
 
@@ -6,20 +6,22 @@ import torch
 from torch import nn
 
 from arbq import kernels
-from arbq.packed.codec import PackedLinear, dequantize_packed
-from arbq.packed.format import LinearSpec
+from arbq.packed import layouts
+from arbq.packed.codec import PackedLinear
 
 
 class BinaryLinear(nn.Module):
-    """y [..., N] = x [..., K] @ Ŵᵀ (+ bias), Ŵ: [N, K] given by the packed tensors (arbq.packed.format).
+    """y [..., N] = x [..., K] @ Ŵᵀ (+ bias), Ŵ: [N, K] given by the packed tensors of any layout
+    (arbq.packed.layouts; `spec` is the layout's spec).
 
-    Every packed tensor is a buffer named by its suffix (sign1, group, salient, sign2, values, ...), so
-    the state dict keys are `<module>.sign1` etc. The product is computed by a kernel backend
-    (arbq.kernels: "cpu" C++ from the bits, "torch" unpack + matmul), chosen by `backend` or
-    ARBQ_KERNEL, with a fallback to torch. Inference only: no gradients flow to the packed weights.
+    Every packed tensor is a buffer named by its suffix (sign1, group, ... for "binary"; codes, zeros, scales
+    for "uniform"), so the state dict keys are `<module>.sign1` etc. The product is computed by a kernel
+    backend that runs the layout (arbq.kernels: "cpu" C++ from the bits, "triton", "torch" unpack + matmul
+    for every layout), chosen by `backend` or ARBQ_KERNEL. Inference only: no gradients flow to the packed
+    weights.
     """
 
-    def __init__(self, spec: LinearSpec, bias: bool = False, device: torch.device | str | None = None,
+    def __init__(self, spec, bias: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, backend: str | None = None):
         super().__init__()
         self.spec = spec
@@ -34,7 +36,7 @@ class BinaryLinear(nn.Module):
     @classmethod
     def from_packed(cls, p: PackedLinear, bias: torch.Tensor | None = None,
                     backend: str | None = None) -> BinaryLinear:
-        dev = p["sign1"].device
+        dev = p.device
         mod = cls(p.spec, bias=bias is not None, device="meta", backend=backend)
         for name, t in p.tensors.items():
             setattr(mod, name, t)
@@ -68,11 +70,9 @@ class BinaryLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        """Ŵ [N, K] fp32, the same equation as LinearResult.dequantize (scales as stored)."""
-        return dequantize_packed(self.packed())
+        """Ŵ [N, K] fp32, the layout's equation (scales as stored)."""
+        return layouts.dequantize(self.packed())
 
     def extra_repr(self) -> str:
-        sc = self.spec.scheme
-        return (f"in_features={self.in_features}, out_features={self.out_features}, n_salient={self.spec.n_salient}, "
-                f"blocksize={self.spec.blocksize}, rc={sc.rc}, cgb={sc.cgb}, scale_dtype={self.spec.scale_dtype}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}, "
                 f"bias={self.bias is not None}")

@@ -1,8 +1,9 @@
-"""LinearResult <-> packed tensors of one linear (layout in arbq.packed.format)."""
+"""LinearResult <-> packed tensors of one linear in the "binary" layout (arbq.packed.format)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,10 +14,15 @@ from arbq.packed.format import FP8_MAX, LinearSpec, Scheme, pack_bits, scale_dty
 
 @dataclass
 class PackedLinear:
-    """The packed tensors of one linear (suffix -> tensor, bias excluded) and how to read them."""
+    """The packed tensors of one linear (suffix -> tensor, bias excluded) and how to read them: `spec`
+    is the layout's spec (LinearSpec for "binary", arbq.packed.uniform.UniformSpec, ...)."""
 
-    spec: LinearSpec
+    spec: Any
     tensors: dict[str, torch.Tensor]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]

@@ -1,4 +1,8 @@
-"""The packed 1-bit format (version 1): bit planes, which slots a method stores, tensor shapes, bit counts.
+"""The "binary" packed layout: bit planes, which slots a method stores, tensor shapes, bit counts.
+
+Its tensors are the same in format versions 1 and 2 (version 2 only moved the per-model
+method/cgb/blocksize/scale_dtype of `quantization_config` into one params entry per module, see
+arbq.packed.layouts); the other layouts live in their own modules (arbq.packed.uniform).
 
 Bit planes are packed along K (in_features), LSB first: bit j of byte g is column 8g + j, each row
 ceil(K/8) bytes, padding bits 0 (numpy `packbits(..., bitorder="little")`).
@@ -24,12 +28,13 @@ unpacking fills them with 0 (mu, unused alpha) or 1 (column scales of non-RC met
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from arbq.errors import ArbqError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: quantization_config holds one {layout, method, params} entry per module
 QUANT_METHOD = "arbq"
 BIT_ORDER = "little"
 
@@ -110,24 +115,6 @@ class Scheme:
         return tuple((g, o) for g in self.groups(1) for o in (0, 1)) if self.rc and self.salient else ()
 
 
-# method -> flags; cgb comes from the recipe and only matters where salient columns exist
-METHOD_FLAGS: dict[str, dict[str, bool]] = {
-    "sign": dict(rc=False, salient=False, group=False),
-    "billm": dict(rc=False, salient=True, group=True),
-    "arb": dict(rc=False, salient=True, group=True),
-    "x": dict(rc=False, salient=True, group=True),
-    "rc": dict(rc=True, salient=True, group=True),
-}
-
-
-def scheme_for(method: str, cgb: bool) -> Scheme:
-    try:
-        flags = METHOD_FLAGS[method]
-    except KeyError:
-        raise ArbqError(f"cannot pack method {method!r}; packable: {', '.join(METHOD_FLAGS)}") from None
-    return Scheme(**flags, cgb=bool(cgb) and flags["salient"])
-
-
 def scale_dtype_of(name: str) -> torch.dtype:
     try:
         return SCALE_DTYPES[name]
@@ -135,10 +122,23 @@ def scale_dtype_of(name: str) -> torch.dtype:
         raise ArbqError(f"unknown scale dtype {name!r}; choose one of: {', '.join(SCALE_DTYPES)}") from None
 
 
+def param(params: dict, key: str, kind: type, where: str, ok: Any = None, why: str = "") -> Any:
+    """params[key] checked to be a `kind` (bool is not an int) and to satisfy `ok`, else a one-line ArbqError."""
+    if not isinstance(params, dict) or key not in params:
+        raise ArbqError(f"{where}: missing {key!r}")
+    v = params[key]
+    if isinstance(v, bool) != (kind is bool) or not isinstance(v, kind) or (ok is not None and not ok(v)):
+        raise ArbqError(f"{where}: {key} = {v!r} is not a valid value{': ' + why if why else ''}")
+    return v
+
+
 @dataclass(frozen=True)
 class LinearSpec:
-    """Everything needed to interpret one linear's packed tensors: W is [out_features, in_features]."""
+    """Everything needed to interpret one linear's packed tensors in the "binary" layout: W is
+    [out_features, in_features]. The layout protocol (arbq.packed.layouts): `layout`, `to_params`,
+    `from_params`, `tensor_shapes`, `formula_bits`, `paper_bits`, `component`, `describe`."""
 
+    layout: ClassVar[str] = "binary"
     out_features: int
     in_features: int
     n_salient: int
@@ -149,6 +149,38 @@ class LinearSpec:
     @property
     def n_blocks(self) -> int:
         return -(-self.in_features // self.blocksize)
+
+    def to_params(self) -> dict[str, Any]:
+        sc = self.scheme
+        return {"out_features": self.out_features, "in_features": self.in_features, "n_salient": self.n_salient,
+                "blocksize": self.blocksize, "rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb,
+                "scale_dtype": self.scale_dtype}
+
+    @classmethod
+    def from_params(cls, params: dict, where: str = "binary module") -> LinearSpec:
+        """The spec of a `quantization_config.modules` entry's params, every value type- and range-checked."""
+        pos = lambda v: v > 0  # noqa: E731
+        n, k = param(params, "out_features", int, where, pos), param(params, "in_features", int, where, pos)
+        s = param(params, "n_salient", int, where, lambda v: 0 <= v <= k, "0 <= n_salient <= in_features")
+        b = param(params, "blocksize", int, where, pos)
+        flags = {f: param(params, f, bool, where) for f in ("rc", "salient", "group", "cgb")}
+        sd = param(params, "scale_dtype", str, where, lambda v: v in SCALE_DTYPES, f"one of {', '.join(SCALE_DTYPES)}")
+        return cls(n, k, s, b, Scheme(**flags), sd)
+
+    def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
+        return formula_bits(self, bias_bits)
+
+    def paper_bits(self) -> int:
+        return paper_bits(self)
+
+    @staticmethod
+    def component(suffix: str) -> str:
+        return COMPONENTS[suffix]
+
+    def describe(self) -> str:
+        sc = self.scheme
+        return (f"layout=binary, n_salient={self.n_salient}, blocksize={self.blocksize}, rc={sc.rc}, cgb={sc.cgb}, "
+                f"scale_dtype={self.scale_dtype}")
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """suffix -> (shape, dtype) of every packed tensor this linear stores (bias excluded)."""
@@ -197,11 +229,14 @@ def formula_bits(spec: LinearSpec, bias_bits: int = 0) -> dict[str, int]:
     }
 
 
-def measured_bits(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bits per component of the tensors actually written for one linear (keys are suffixes)."""
-    out = dict.fromkeys(COMPONENT_ORDER, 0)
+def measured_bits(tensors: dict[str, torch.Tensor], spec: Any = None) -> dict[str, int]:
+    """Bits per component of the tensors actually written for one linear (keys are suffixes); components
+    named by `spec.component` (the binary layout's when no spec is given), in the spec's formula order."""
+    component = spec.component if spec is not None else COMPONENTS.__getitem__
+    out = dict.fromkeys(spec.formula_bits() if spec is not None else COMPONENT_ORDER, 0)
     for name, t in tensors.items():
-        out[COMPONENTS[name]] += t.numel() * t.element_size() * 8
+        c = component(name)
+        out[c] = out.get(c, 0) + t.numel() * t.element_size() * 8
     return out
 
 

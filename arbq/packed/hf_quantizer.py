@@ -23,26 +23,26 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from arbq.errors import ArbqError
 from arbq.packed.binary_linear import BinaryLinear
-from arbq.packed.codec import validate_packed
-from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD
+from arbq.packed.format import QUANT_METHOD
+from arbq.packed.layouts import validate
 from arbq.packed.loader import check_checkpoint, check_quant_config, read_header, swap_linears, verify_manifest
-
-_FIELDS = ("format_version", "method", "cgb", "blocksize", "bit_order", "scale_dtype", "modules")
 
 
 class ArbqConfig(QuantizationConfigMixin):
-    """The `quantization_config` block written by `arbq pack` (see arbq.packed.loader)."""
+    """The `quantization_config` block written by `arbq pack` (format version 1 or 2, see arbq.packed.loader),
+    kept as stored; `checked()` is its validated version-2 form."""
 
-    def __init__(self, format_version: int = FORMAT_VERSION, method: str = "rc", cgb: bool = True,
-                 blocksize: int = 128, bit_order: str = BIT_ORDER, scale_dtype: str = "fp16",
-                 modules: dict | None = None, **kwargs):
+    def __init__(self, **fields):
+        fields.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
-        self.format_version, self.method, self.cgb, self.blocksize = format_version, method, cgb, blocksize
-        self.bit_order, self.scale_dtype, self.modules = bit_order, scale_dtype, modules or {}
-        check_quant_config(self.to_dict())  # refuses an unknown format_version / bit order
+        self._fields = fields
+        self.checked()  # refuses an unknown format_version, bit order, layout or malformed module entry
+
+    def checked(self) -> dict:
+        return check_quant_config(self.to_dict())
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, **{k: getattr(self, k) for k in _FIELDS}}
+        return {"quant_method": QUANT_METHOD, **self._fields}
 
 
 class ArbqHfQuantizer(HfQuantizer):
@@ -55,7 +55,7 @@ class ArbqHfQuantizer(HfQuantizer):
         if not files:
             raise ArbqError("arbq: from_pretrained gave no checkpoint files to verify")
         verify_manifest(files[0].parent)
-        q = self.quantization_config.to_dict()
+        q = self.quantization_config.checked()
         dev = next((p.device for p in model.parameters()), "meta")
         swap_linears(model, q, device=dev, dtype=dtype or next(model.parameters()).dtype)
         check_checkpoint(model, read_header(files))
@@ -68,7 +68,7 @@ class ArbqHfQuantizer(HfQuantizer):
             raise ArbqError(f"arbq: packed tensors not loaded: {left[:5]}")
         for name, mod in model.named_modules():
             if isinstance(mod, BinaryLinear):
-                validate_packed(mod.packed(), name)
+                validate(mod.packed(), name)
         return model
 
     def is_serializable(self) -> bool:

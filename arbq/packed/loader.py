@@ -1,7 +1,9 @@
 """Load a packed model directory (written by `arbq pack`) as a transformers model running from the bits.
 
-PACKED/config.json            model config + `quantization_config` (quant_method "arbq", format_version,
-                              method, cgb, blocksize, bit_order, scale_dtype, modules: name -> shapes)
+PACKED/config.json            model config + `quantization_config`: quant_method "arbq", format_version 2,
+                              bit_order, modules: name -> {"layout", "method", "params"} (arbq.packed.layouts);
+                              version 1 (one method/cgb/blocksize/scale_dtype for the whole model, modules:
+                              name -> shapes) is read too and converted to version 2 entries
 PACKED/model*.safetensors     packed linears (arbq.packed.format) and the unbinarized weights
 PACKED/arbq_manifest.json     sha256 of every other file
 
@@ -23,40 +25,77 @@ from arbq.errors import ArbqError
 from arbq.fileio import read_json, verify_hashes
 from arbq.models.lazy import params_on_meta
 from arbq.packed.binary_linear import BinaryLinear
-from arbq.packed.codec import validate_packed
-from arbq.packed.format import FORMAT_VERSION, QUANT_METHOD, LinearSpec, scheme_for
+from arbq.packed.format import FORMAT_VERSION, QUANT_METHOD, SCALE_DTYPES, param
+from arbq.packed.layouts import spec_from_entry, validate
 
 MANIFEST = "arbq_manifest.json"
 MANIFEST_FORMAT = "arbq-packed"
 
 
 def is_packed(path: str | Path) -> bool:
-    """True if `path` is a directory whose config declares quant_method "arbq" (no hashing)."""
+    """True if `path` is a directory whose config.json declares quant_method "arbq" (no hashing): such a dir
+    is read by `load` only, which refuses it if its manifest or anything else is wrong."""
     cfg = Path(path) / "config.json"
-    if not (Path(path) / MANIFEST).is_file() or not cfg.is_file():
+    if not cfg.is_file():
         return False
     try:
-        return (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        q = json.loads(cfg.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
         return False
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
 def quant_config(config) -> dict:
-    """The validated `quantization_config` dict of a config (object or dict)."""
+    """The validated `quantization_config` dict of a config (object or dict), as format version 2."""
     q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     return check_quant_config(q.to_dict() if hasattr(q, "to_dict") else q)
 
 
+# format version 1 wrote one method for the whole model; these are the binary schemes it could name
+V1_SCHEMES: dict[str, dict[str, bool]] = {
+    "sign": dict(rc=False, salient=False, group=False), "billm": dict(rc=False, salient=True, group=True),
+    "arb": dict(rc=False, salient=True, group=True), "x": dict(rc=False, salient=True, group=True),
+    "rc": dict(rc=True, salient=True, group=True),
+}
+
+
+def _v1_modules(q: dict) -> dict[str, dict]:
+    """Version-1 fields -> version-2 module entries (the tensors are the same)."""
+    where = "quantization_config (format version 1)"
+    method = param(q, "method", str, where, lambda v: v in V1_SCHEMES, f"one of {', '.join(V1_SCHEMES)}")
+    cgb = param(q, "cgb", bool, where)
+    blocksize = param(q, "blocksize", int, where, lambda v: v > 0)
+    sd = param(q, "scale_dtype", str, where, lambda v: v in SCALE_DTYPES)
+    flags = V1_SCHEMES[method]
+    mods = param(q, "modules", dict, where)
+    out = {}
+    for name, m in mods.items():
+        if not isinstance(m, dict):
+            raise ArbqError(f"{where}: module {name} must be a mapping")
+        out[name] = {"layout": "binary", "method": method + ("+cgb" if cgb and flags["salient"] else ""),
+                     "params": {**{k: m.get(k) for k in ("out_features", "in_features", "n_salient")},
+                                "blocksize": blocksize, **flags, "cgb": cgb and flags["salient"], "scale_dtype": sd}}
+    return out
+
+
 def check_quant_config(q: dict | None) -> dict:
-    """Refuse a quantization_config that is not arbq's, or of a format version this code cannot read."""
+    """Refuse a quantization_config that is not arbq's, of a format version this code cannot read, or with a
+    malformed value (one line naming it); returns it as format version 2 with every module entry checked."""
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         raise ArbqError("not an arbq packed model: config.json has no quantization_config with quant_method 'arbq'")
-    if q.get("format_version") != FORMAT_VERSION:
-        raise ArbqError(f"unsupported arbq format_version {q.get('format_version')!r} (this arbq reads "
+    version = q.get("format_version")
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        raise ArbqError(f"unsupported arbq format_version {version!r} (this arbq reads 1 and "
                         f"{FORMAT_VERSION}); upgrade arbq or re-pack the model")
     if q.get("bit_order", "little") != "little":
         raise ArbqError(f"unsupported bit_order {q.get('bit_order')!r}")
-    return q
+    modules = _v1_modules(q) if version == 1 else param(q, "modules", dict, "quantization_config")
+    for name, entry in modules.items():
+        spec_from_entry(entry, name)
+        if not isinstance(entry.get("method", ""), str):
+            raise ArbqError(f"quantization_config: module {name}: method must be a string")
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": "little",
+            "modules": modules, "read_from_format_version": version}
 
 
 def verify_manifest(root: str | Path) -> dict:
@@ -72,15 +111,14 @@ def verify_manifest(root: str | Path) -> dict:
     return man
 
 
-def linear_specs(q: dict) -> dict[str, LinearSpec]:
-    scheme = scheme_for(q["method"], q["cgb"])
-    return {name: LinearSpec(m["out_features"], m["in_features"], m["n_salient"], q["blocksize"], scheme,
-                             q["scale_dtype"]) for name, m in q["modules"].items()}
+def linear_specs(q: dict) -> dict:
+    """name -> layout spec of every packed module of a (checked) version-2 quantization_config."""
+    return {name: spec_from_entry(entry, name) for name, entry in q["modules"].items()}
 
 
 def swap_linears(model: nn.Module, q: dict, device: str | torch.device = "meta",
                  dtype: torch.dtype = torch.float32) -> None:
-    """Replace every nn.Linear named in q["modules"] by an empty BinaryLinear of the recorded shape."""
+    """Replace every nn.Linear named in q["modules"] by an empty BinaryLinear of the recorded layout and shape."""
     for name, spec in linear_specs(q).items():
         try:
             old = model.get_submodule(name)
@@ -203,7 +241,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ArbqError(f"tensors not loaded: {left[:5]}")
     for name, mod in model.named_modules():
         if isinstance(mod, BinaryLinear):
-            validate_packed(mod.packed(), name)
+            validate(mod.packed(), name)
     model.config.quantization_config = q
     if (root / "generation_config.json").is_file():
         from transformers import GenerationConfig

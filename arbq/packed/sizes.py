@@ -1,8 +1,10 @@
-"""The size report of a packed model: honest bits per binarized weight, by component, two ways.
+"""The size report of a packed model: honest bits per quantized weight, by component, two ways.
 
 measured: every byte written for a linear (numel · element size · 8 per tensor), summed per component
-formula:  the format's closed form (arbq.packed.format.formula_bits); the two must agree exactly
-paper:    the papers' convention, sign bit + salient residual bit only
+formula:  the layout's closed form (spec.formula_bits, arbq.packed.layouts); the two must agree exactly
+paper:    the papers' convention (binary: sign bit + salient residual bit only; uniform: the code bits)
+Components are the layouts' own (binary: sign, group_bit, ...; uniform: codes, zero_points, scales), in
+order of first appearance; `by_method` splits the totals by the method label of each module.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from arbq.errors import ArbqError
-from arbq.packed.format import COMPONENT_ORDER, LinearSpec, formula_bits, measured_bits, paper_bits
+from arbq.packed.format import measured_bits
 
 
 @dataclass
@@ -20,27 +22,33 @@ class SizeReport:
     """Accumulates per-linear bit counts; `to_dict` gives the JSON report."""
 
     linears: list[dict] = field(default_factory=list)
-    measured: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENT_ORDER, 0))
-    formula: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENT_ORDER, 0))
+    measured: dict[str, int] = field(default_factory=dict)
+    formula: dict[str, int] = field(default_factory=dict)
+    by_method: dict[str, dict[str, int]] = field(default_factory=dict)
     weights: int = 0
     paper: int = 0
 
-    def add(self, name: str, spec: LinearSpec, tensors: dict) -> None:
-        """tensors: suffix -> tensor as written for this linear (bias included if any)."""
-        got = measured_bits(tensors)
+    def add(self, name: str, spec, tensors: dict, method: str = "") -> None:
+        """spec: the layout's spec; tensors: suffix -> tensor as written for this linear (bias included if any)."""
+        got = measured_bits(tensors, spec)
         bias = tensors.get("bias")
-        want = formula_bits(spec, bias_bits=0 if bias is None else bias.numel() * bias.element_size() * 8)
+        want = spec.formula_bits(bias_bits=0 if bias is None else bias.numel() * bias.element_size() * 8)
         if got != want:
-            raise ArbqError(f"{name}: bits written {got} disagree with the format's formula {want}")
-        nk = spec.out_features * spec.in_features
-        for c in COMPONENT_ORDER:
-            self.measured[c] += got[c]
-            self.formula[c] += want[c]
+            raise ArbqError(f"{name}: bits written {got} disagree with the layout's formula {want}")
+        nk, paper = spec.out_features * spec.in_features, spec.paper_bits()
+        for c in want:
+            self.measured[c] = self.measured.get(c, 0) + got[c]
+            self.formula[c] = self.formula.get(c, 0) + want[c]
         self.weights += nk
-        self.paper += paper_bits(spec)
-        self.linears.append({"name": name, "out_features": spec.out_features, "in_features": spec.in_features,
-                             "n_salient": spec.n_salient, "bpw_honest": sum(got.values()) / nk,
-                             "bpw_paper": paper_bits(spec) / nk})
+        self.paper += paper
+        m = self.by_method.setdefault(method, {"linears": 0, "weights": 0, "bits": 0, "paper_bits": 0})
+        m["linears"] += 1
+        m["weights"] += nk
+        m["bits"] += sum(got.values())
+        m["paper_bits"] += paper
+        self.linears.append({"name": name, "method": method, "layout": spec.layout, "out_features": spec.out_features,
+                             "in_features": spec.in_features, "n_salient": getattr(spec, "n_salient", None),
+                             "bpw_honest": sum(got.values()) / nk, "bpw_paper": paper / nk})
 
     def to_dict(self, model_params: int, packed_bytes: int, **meta) -> dict:
         n = max(self.weights, 1)
@@ -53,6 +61,9 @@ class SizeReport:
                 "bpw_formula": {c: b / n for c, b in self.formula.items()},
                 "measured_equals_formula": self.measured == self.formula,
                 "bpw_honest": honest, "bpw_paper": self.paper / n,
+                "by_method": {k: {"linears": v["linears"], "weights": v["weights"],
+                                  "bpw_honest": v["bits"] / v["weights"], "bpw_paper": v["paper_bits"] / v["weights"]}
+                              for k, v in self.by_method.items()},
             },
             "model": {"params": model_params, "packed_bytes": packed_bytes, "fp16_bytes": 2 * model_params,
                       "bits_per_param": 8 * packed_bytes / max(model_params, 1),
@@ -64,13 +75,16 @@ class SizeReport:
 def report_table(rep: dict) -> Table:
     """A rich table of the report: components, totals, whole-model size."""
     b, m = rep["binarized"], rep["model"]
-    t = Table(title=f"packed {rep.get('method')}{'+cgb' if rep.get('cgb') else ''}, scales {rep.get('scale_dtype')}: "
-                    f"{b['linears']} binarized linears, {b['weights']:,} weights")
+    t = Table(title=f"packed {', '.join(b.get('by_method') or [rep.get('method', '?')])}, scales "
+                    f"{rep.get('scale_dtype')}: {b['linears']} quantized linears, {b['weights']:,} weights")
     t.add_column("component")
-    t.add_column("bits / binarized weight", justify="right")
-    for c in COMPONENT_ORDER:
-        if b["bpw_measured"][c]:
-            t.add_row(c.replace("_", " "), f"{b['bpw_measured'][c]:.4f}")
+    t.add_column("bits / quantized weight", justify="right")
+    for c, v in b["bpw_measured"].items():
+        if v:
+            t.add_row(c.replace("_", " "), f"{v:.4f}")
+    if len(b.get("by_method") or {}) > 1:
+        for k, v in b["by_method"].items():
+            t.add_row(f"  {k}: {v['linears']} linears", f"{v['bpw_honest']:.4f}")
     t.add_row("[bold]honest total (every byte written)", f"[bold]{b['bpw_honest']:.4f}")
     t.add_row("paper convention (sign + residual bits)", f"{b['bpw_paper']:.4f}")
     t.add_row("whole model, bits / parameter", f"{m['bits_per_param']:.3f}")

@@ -20,10 +20,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from arbq.errors import ArbqError
-from arbq.fileio import sha256_file, write_json
+from arbq.fileio import output_lock, sha256_file, write_json
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import binarize_linear
-from arbq.methods.result import LinearResult
+from arbq.methods.registry import get_method
 from arbq.models import arch as archmod
 from arbq.models import layerwise
 from arbq.models.activations import check_offload, scratch
@@ -58,9 +57,9 @@ def _prepare_calib(run: RunDir, model: str, calib: Path | None, cfg: BinarizeCon
             raise ArbqError(f"--calib {calib} is incomplete; finish it with `arbq calibrate --resume`")
         return Path(calib)
     target = run.root / "calib"
-    if not cal.is_complete(target):
-        cal.run_calibrate(model, target, stats=not cfg.sequential, resume=(target / "manifest.json").is_file(),
-                          **calib_args)
+    if (target / "manifest.json").is_file() or not cal.is_complete(target):   # a resume checks the settings:
+        cal.run_calibrate(model, target, stats=not cfg.sequential,           # other --data/--nsamples/--seed
+                          resume=(target / "manifest.json").is_file(), **calib_args)   # or model are refused
     return target
 
 
@@ -86,9 +85,17 @@ def _check_run(run: RunDir, info: dict, resume: bool) -> None:
         for key in ("model", "recipe", "calib", "hessian_dtype"):
             if old.get(key) != info.get(key):
                 raise ArbqError(f"cannot resume {run.root}: its {key} differs ({old.get(key)} vs {info.get(key)})")
+        cal.check_identity(run.root, old.get("model_identity"), info["model_identity"])
 
 
-def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None = None, data: str = "wikitext2",
+def run_binarize(model: str, out: Path, *args, **kwargs) -> list[dict]:
+    """`_run_binarize` holding the run dir's lock: a second writer of the same RUN (a requeued task while
+    the first still runs) is refused, and scratch left by a killed run is removed first."""
+    with output_lock(Path(out)):
+        return _run_binarize(model, out, *args, **kwargs)
+
+
+def _run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None = None, data: str = "wikitext2",
                  nsamples: int = 128, seqlen: int = 2048, seed: int = 0, layers: str | None = None,
                  device: str = "cpu", resume: bool = False, offload: str = "cpu", hessian_dtype: str | None = None,
                  lazy: bool = True) -> list[dict]:
@@ -108,11 +115,14 @@ def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None 
     samples, manifest = cal.load_samples(calib_dir)
     hname = _hessian_dtype(cfg, hessian_dtype, manifest, calib_dir)
     net = open_layerwise(ref, lazy=lazy)
-    if int(samples.max()) >= net.config.vocab_size:
+    vocab = net.config.get_text_config().vocab_size          # a multimodal config keeps it in its text config
+    if int(samples.max()) >= vocab:
         raise ArbqError(f"calibration {calib_dir} has token ids beyond this model's vocabulary "
-                        f"({int(samples.max())} >= {net.config.vocab_size}): it was made for another tokenizer")
+                        f"({int(samples.max())} >= {vocab}): it was made for another tokenizer")
+    cfg.check_modules([f"{spec.layers}.{i}.{name}" for i in range(len(net)) for name in spec.linears])
     todo_range = parse_layers(layers, len(net))
-    info = {"format": RUN_FORMAT, "model": str(ref), "model_type": net.config.model_type,
+    info = {"format": RUN_FORMAT, "model": str(ref), "model_identity": cal.model_identity(ref, net.config),
+            "model_type": net.config.model_type,
             "num_layers": len(net), "linears": list(spec.linears), "groups": [list(g) for g in spec.groups],
             "recipe": cfg.to_dict(), "hessian_dtype": hname,
             "calib": {"dir": str(calib_dir), "manifest_sha256": sha256_file(calib_dir / "manifest.json"),
@@ -123,7 +133,7 @@ def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None 
     missing = [i for i in todo_range if not run.layer_complete(i)]
     t_start = time.perf_counter()
     if missing:
-        console.print(f"binarize {ref} with {cfg.method}{'+cgb' if cfg.cgb else ''}: layers "
+        console.print(f"binarize {ref} with {cfg.label()}: layers "
                       f"{missing[0]}..{todo_range.stop - 1} of {len(net)} "
                       f"({len(todo_range) - len(missing)} already done); embeddings, norms and lm_head stay "
                       f"full precision")
@@ -138,29 +148,33 @@ def run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None 
     return rows
 
 
-def _apply(layer, lin: dict[str, torch.nn.Linear], results: dict[str, LinearResult]) -> None:
+def _apply(layer, lin: dict[str, torch.nn.Linear], results: dict) -> None:
     for name, res in results.items():
         w = lin[name].weight
         w.data.copy_(res.dequantize().to(w.dtype))
 
 
 def _binarize_layer(i: int, layer, spec, hess_for, cfg: BinarizeConfig, device: str, prog, task
-                    ) -> tuple[dict[str, LinearResult], list[dict]]:
-    """Binarize the linears of layer i in true-sequential group order. hess_for(group) → {name: H}."""
+                    ) -> tuple[dict, list[dict], dict[str, str]]:
+    """Quantize the linears of layer i in true-sequential group order, each with the method its recipe
+    settings name (`cfg.for_module`; ignored ones stay full precision). hess_for(group) → {name: H}.
+    Returns (linear -> result, report rows, linear -> method)."""
     lin = archmod.layer_linears(layer, spec)
-    results, rows = {}, []
+    results, rows, methods = {}, [], {}
     for group in spec.groups:
+        todo = {name: cfg.for_module(f"{spec.layers}.{i}.{name}") for name in group}
+        todo = {name: c for name, c in todo.items() if c is not None}
+        if not todo:
+            continue
         hess = hess_for(group)
-        for name in group:
+        for name, cfg_m in todo.items():
             prog.update(task, description=f"layer {i} {name}")
-            res, row = binarize_linear(lin[name].weight.data.to(device), hess[name].to(device), cfg,
-                                       name=f"layer {i} {name}")
-            res = LinearResult(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                                  for k, v in res.__dict__.items()})
-            results[name] = res
-            rows.append({"layer": i, **row, "module": name})
-            lin[name].weight.data.copy_(res.dequantize().to(lin[name].weight.dtype))
-    return results, rows
+            res, row = get_method(cfg_m.method).fit(lin[name].weight.data.to(device), hess[name].to(device), cfg_m,
+                                                    f"layer {i} {name}")
+            results[name], methods[name] = res.to("cpu"), cfg_m.method
+            rows.append({"layer": i, **row, "module": name, "method": cfg_m.label()})
+            lin[name].weight.data.copy_(results[name].dequantize().to(lin[name].weight.dtype))
+    return results, rows, methods
 
 
 def _progress() -> Progress:
@@ -196,8 +210,8 @@ def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, 
                 _apply(layer, lin, run.read_layer(i, list(spec.linears)))
             else:
                 hess_for = _hessian_source(layer, lin, spec, x, kwargs, device, i, cfg.true_sequential, hdtype)
-                results, rows = _binarize_layer(i, layer, spec, hess_for, cfg, device, prog, task)
-                run.write_layer(i, results, rows)
+                results, rows, methods = _binarize_layer(i, layer, spec, hess_for, cfg, device, prog, task)
+                run.write_layer(i, results, rows, methods)
             if i < len(net) - 1:
                 y = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}", out=acts.new(len(samples)))
                 x.close()
@@ -213,8 +227,8 @@ def _independent(net: LayerwiseModel, calib_dir: Path, run: RunDir, cfg: Binariz
         for i in missing:
             full = cal.load_layer_stats(calib_dir, i, net.spec.groups)
             layer = net.load_layer(i, device)
-            results, rows = _binarize_layer(i, layer, net.spec, lambda group, full=full: full, cfg, device, prog,
-                                            task)
+            results, rows, methods = _binarize_layer(i, layer, net.spec, lambda group, full=full: full, cfg, device,
+                                                     prog, task)
             net.free_layer(i)
-            run.write_layer(i, results, rows)
+            run.write_layer(i, results, rows, methods)
             prog.advance(task)

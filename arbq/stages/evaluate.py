@@ -26,25 +26,19 @@ from torch import nn
 
 from arbq.data import NAMED, load_text, tokenize
 from arbq.errors import ArbqError
-from arbq.fileio import library_versions, read_json, write_json
+from arbq.fileio import library_versions, write_json
 from arbq.models.loading import ModelRef, check_device, load_model, load_tokenizer, max_context, resolve
 from arbq.stages.perplexity import PROTOCOL, perplexity
 
 EVAL_SPLIT = "test"
 
 
-def is_packed(path: Path) -> bool:
-    """True for a packed arbq dir: config.json with quantization_config.quant_method == "arbq"."""
-    if not (path / "config.json").is_file():
-        return False
-    qc = read_json(path / "config.json").get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == "arbq"
-
-
 def load_for_eval(model: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode on `device`, tokenizer). HF models load in float32."""
     dev = check_device(device)
     path = Path(model).expanduser()
+    from arbq.packed.loader import is_packed
+
     if path.is_dir() and is_packed(path):
         from arbq import packed
 

@@ -1,4 +1,4 @@
-"""RUN/model-fake: a plain HF dir whose binarized linears hold the dequantized weights Ŵ.
+"""RUN/model-fake: a plain HF dir whose quantized linears hold the dequantized weights Ŵ.
 
 Eager: load the whole model, overwrite the linears, `save_pretrained`. Streamed (a lazily loaded
 safetensors model): every checkpoint file is copied tensor by tensor under the same name (index file
@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from arbq.fileio import copy_tensors
-from arbq.methods.result import LinearResult
 from arbq.models import arch as archmod
 from arbq.models.lazy import INDEX, LazyModel
 from arbq.models.loading import ModelRef, load_model, load_tokenizer
@@ -54,13 +53,15 @@ def _save_streamed(net: LazyModel, run: RunDir, tmp: Path) -> None:
     linears = list(spec.linears)
     binarized = {net.keymap[f"{spec.layers}.{i}.{name}.weight"]: (i, name)
                  for i in range(len(net)) for name in linears}
-    cache: dict[int, dict[str, LinearResult]] = {}
+    cache: dict[int, dict] = {}
 
-    def dequantized(i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized(i: int, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Ŵ of layer i's linear `name`, or None (copied as is) when the recipe left it in full precision."""
         if i not in cache:
             cache.clear()
             cache[i] = run.read_layer(i, linears)
-        return cache[i][name].dequantize().to(dtype)
+        res = cache[i].get(name)
+        return None if res is None else res.dequantize().to(dtype)
 
     root = next(iter(net.files.values())).parent
     tmp.mkdir(parents=True)

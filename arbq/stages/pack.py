@@ -1,4 +1,8 @@
-"""`arbq pack`: real 1-bit safetensors from one or more RUN dirs, plus everything needed to load them.
+"""`arbq pack`: real packed safetensors from one or more RUN dirs, plus everything needed to load them.
+
+Every quantized linear is packed in the layout of its method's record (arbq.methods.registry ->
+arbq.packed.layouts) with the recipe settings of that module (`BinarizeConfig.for_module`), and listed in
+`quantization_config.modules[name] = {"layout", "method", "params"}` (format version 2).
 
 PACKED/model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json above
 MAX_SHARD_BYTES), config.json with the `quantization_config` block, tokenizer and generation files,
@@ -18,10 +22,12 @@ from safetensors.torch import save_file
 
 from arbq.errors import ArbqError
 from arbq.fileio import atomic_path, file_hashes, library_versions, write_json
+from arbq.methods.config import BinarizeConfig
+from arbq.methods.registry import get_method
 from arbq.models.arch import decoder_layers
 from arbq.models.loading import load_model, load_tokenizer, resolve
-from arbq.packed.codec import check_representable, pack_linear
-from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of, scheme_for
+from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of
+from arbq.packed.layouts import layout_of
 from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, expected_tensors
 from arbq.packed.sizes import SizeReport, report_table
 from arbq.stages.run_dir import RunDir
@@ -126,9 +132,7 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
     out = Path(out)
     _check_out(out)
     info, owner = plan_runs([Path(r) for r in runs])
-    recipe = info["recipe"]
-    scale_dtype = scale_dtype or recipe.get("scale_dtype", "fp16")
-    scheme = scheme_for(recipe["method"], recipe.get("cgb", False))
+    recipe = BinarizeConfig.from_dict(info["recipe"])
     ref = resolve(info["model"])
     model, spec = load_model(ref, dtype=DTYPES[dtype])
     if model.config.model_type != info["model_type"]:
@@ -144,20 +148,25 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
         writer, sizes, modules, done = ShardWriter(tmp, max_shard_bytes), SizeReport(), {}, set()
         for i in range(info["num_layers"]):
             results = owner[i].read_layer(i, info["linears"])
+            methods = owner[i].layer_methods(i, info["linears"])
             for name, res in results.items():
                 full, lin = f"{spec.layers}.{i}.{name}", blocks[i].get_submodule(name)
-                if tuple(res.shape) != tuple(lin.weight.shape) or res.blocksize != recipe["blocksize"]:
-                    raise ArbqError(f"{full}: result {res.shape} / blocksize {res.blocksize} does not match the "
-                                    f"model's {tuple(lin.weight.shape)} / recipe blocksize {recipe['blocksize']}")
-                check_representable(res, scheme, full)
-                p = pack_linear(res, scheme, scale_dtype)
+                cfg = recipe.for_module(full)
+                if cfg is None:
+                    raise ArbqError(f"{full}: the run holds a result for it but its recipe ignores it")
+                if tuple(res.shape) != tuple(lin.weight.shape):
+                    raise ArbqError(f"{full}: result {tuple(res.shape)} does not match the model's "
+                                    f"{tuple(lin.weight.shape)}")
+                rec = get_method(methods[name])
+                if rec.name != cfg.method:
+                    raise ArbqError(f"{full}: the run holds a {rec.name} result but its recipe says {cfg.method}")
+                p = layout_of(rec.layout).pack(res, rec.layout_params(cfg), scale_dtype or cfg.scale_dtype, full)
                 tensors = dict(p.tensors)
                 if lin.bias is not None:
                     tensors["bias"] = lin.bias.detach().to(DTYPES[dtype])
-                sizes.add(full, p.spec, tensors)
+                sizes.add(full, p.spec, tensors, method=cfg.label())
                 writer.add({f"{full}.{k}": v for k, v in tensors.items()})
-                modules[full] = {"out_features": p.spec.out_features, "in_features": p.spec.in_features,
-                                 "n_salient": p.spec.n_salient}
+                modules[full] = {"layout": rec.layout, "method": cfg.label(), "params": p.spec.to_params()}
                 done |= {f"{full}.weight", f"{full}.bias"}
         params = 0
         for key, t in expected_tensors(model).items():
@@ -166,9 +175,8 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
                 writer.add({key: t.detach().to(DTYPES[dtype])})
         files = writer.close()
 
-        qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": recipe["method"],
-                "cgb": scheme.cgb, "blocksize": recipe["blocksize"], "bit_order": BIT_ORDER,
-                "scale_dtype": scale_dtype, "modules": modules}
+        qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
+                "modules": modules}
         cfg = model.config.to_dict()
         cfg.update(quantization_config=qcfg, dtype={"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype],
                    use_cache=True)
@@ -177,8 +185,9 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
             model.generation_config.save_pretrained(tmp)
         load_tokenizer(ref).save_pretrained(tmp)
         packed_bytes = sum((tmp / f).stat().st_size for f in files if f.endswith(".safetensors"))
-        rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=recipe["method"],
-                            cgb=scheme.cgb, blocksize=recipe["blocksize"], scale_dtype=scale_dtype, dtype=dtype)
+        rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=recipe.label(),
+                            cgb=recipe.cgb, blocksize=recipe.blocksize, scale_dtype=scale_dtype or recipe.scale_dtype,
+                            dtype=dtype)
         names = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
         write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
                                     "files": file_hashes(tmp, names), "source": {

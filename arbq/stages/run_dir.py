@@ -1,9 +1,12 @@
 """Layout of a binarization run directory (RUN), shared by `binarize` (writer) and `pack` (reader).
 
 RUN/run.json                     what was run: model ref, model_type, layers, linears, recipe, calib hash
-RUN/layers/layer_0007.safetensors  results of decoder layer 7: LinearResult tensors under
-                                 "<linear>.<field>" (e.g. "self_attn.q_proj.sign1"); metadata
-                                 "arbq" = JSON {"layer": 7, "report": [per-linear report rows]}
+RUN/layers/layer_0007.safetensors  results of decoder layer 7: each linear's result tensors (the result
+                                 type of its method's record, e.g. LinearResult) under "<linear>.<field>"
+                                 (e.g. "self_attn.q_proj.sign1"); metadata "arbq" = JSON {"layer": 7,
+                                 "report": [per-linear report rows], "methods": {linear: method}}; linears
+                                 a recipe ignores are absent. Files without "methods" (older runs) hold
+                                 every linear, made with run.json's recipe method
 RUN/report.jsonl                 one row per binarized linear (rebuilt from the layer files)
 RUN/model-fake/                  HF dir whose linears hold the dequantized binarized weights
 RUN/calib/                       calibration written by `binarize` when no --calib was given
@@ -18,7 +21,7 @@ from typing import Any
 
 from arbq.errors import ArbqError
 from arbq.fileio import load_tensors, read_info, read_json, save_tensors, write_text
-from arbq.methods.result import LinearResult
+from arbq.methods.registry import get_method
 
 RUN_FORMAT = "arbq-run/1"
 
@@ -59,15 +62,28 @@ class RunDir:
     def present_layers(self, num_layers: int) -> list[int]:
         return [i for i in range(num_layers) if self.layer_complete(i)]
 
-    def write_layer(self, i: int, results: dict[str, LinearResult], report: list[dict]) -> None:
+    def write_layer(self, i: int, results: dict[str, Any], report: list[dict], methods: dict[str, str]) -> None:
+        """results: linear -> its method's result; methods: linear -> method name."""
         tensors = {}
         for name, res in results.items():
             tensors.update(res.to_tensors(name))
-        save_tensors(self.layer_path(i), tensors, info={"layer": i, "report": report})
+        save_tensors(self.layer_path(i), tensors, info={"layer": i, "report": report, "methods": methods})
 
-    def read_layer(self, i: int, linears: list[str]) -> dict[str, LinearResult]:
+    def layer_methods(self, i: int, linears: list[str]) -> dict[str, str]:
+        """linear -> method of the results stored for layer i, for the `linears` asked that it holds (older
+        files hold every linear, made with run.json's method)."""
+        methods = (read_info(self.layer_path(i)) or {}).get("methods")
+        if methods is None:
+            return dict.fromkeys(linears, self.info()["recipe"]["method"])
+        if not isinstance(methods, dict) or not all(isinstance(m, str) for m in methods.values()):
+            raise ArbqError(f"{self.layer_path(i)}: malformed 'methods' in its header")
+        return {name: methods[name] for name in linears if name in methods}
+
+    def read_layer(self, i: int, linears: list[str]) -> dict[str, Any]:
+        """linear -> result (its method's result type) of every linear stored for layer i."""
         tensors = load_tensors(self.layer_path(i))
-        return {name: LinearResult.from_tensors(tensors, name) for name in linears}
+        return {name: get_method(m).result_type.from_tensors(tensors, name)
+                for name, m in self.layer_methods(i, linears).items()}
 
     def layer_report(self, i: int) -> list[dict]:
         return (read_info(self.layer_path(i)) or {}).get("report", [])

@@ -18,6 +18,7 @@ from torch import nn
 from arbq.errors import ArbqError
 
 METRICS = ("acc", "acc_norm")
+SHIPPED_TASKS = Path(__file__).resolve().parents[1] / "recipes" / "tasks"   # offline tasks arbq ships
 
 
 class _TaskYamlLoader(yaml.SafeLoader):
@@ -63,6 +64,9 @@ def resolve_tasks(specs: list[str], include_path: Path | None) -> tuple[list[str
                 dirs.append(d)
         else:
             names.append(spec)
+            shipped = SHIPPED_TASKS / f"{spec}.yaml"
+            if shipped.is_file() and str(SHIPPED_TASKS) not in dirs:   # `--tasks botchan_cloze`
+                dirs.append(str(SHIPPED_TASKS))
     return names, dirs
 
 

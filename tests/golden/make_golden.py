@@ -63,6 +63,8 @@ def main() -> None:
         real = tensor_hashes(pack_linear(fit, scheme_for(method, cgb), "fp16").tensors)
         golden[key] = {"random_packed": rnd, "binarized_packed": real, "weight_err": row["weight_err"],
                        "output_err": row.get("output_err")}
+    golden["_meta"] = {"torch_threads": torch.get_num_threads(),
+                       "note": "binarized hashes are bit-exact only at this thread count (sum order)"}
     (HERE / "methods.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
 
     from conftest import save_tiny

@@ -8,7 +8,7 @@ Each example: `context` = the sentences just before sentence i (up to CONTEXT_CH
 at least one), `choices` = sentence i plus 3 distractor sentences of similar length drawn from at
 least FAR sentences away, shuffled; `label` = index of the true sentence. Chance accuracy is 25%.
 
-    python recipes/tasks/make_botchan_cloze.py [BOTCHAN_TXT] [-o OUT.jsonl]
+    python arbq/recipes/tasks/make_botchan_cloze.py [BOTCHAN_TXT] [-o OUT.jsonl]
 
 The output is deterministic (fixed seed), so it can be regenerated and compared byte for byte.
 """

@@ -1,0 +1,36 @@
+"""MethodRecord: everything about one `--method`, found through one record (arbq.methods.registry).
+
+A record names its fit (W, H, cfg, name) -> (result, report row), the packed layout its results are
+written in (a key of arbq.packed.layouts.LAYOUTS, whose kernels are registered per layout in
+arbq.kernels) and the layout params it derives from the recipe, and the result type stored in
+RUN/layers (`from_tensors`, `to_tensors`, `dequantize`, `to`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Fit = Callable[[torch.Tensor, "torch.Tensor | None", Any, str], tuple[Any, dict]]
+
+
+@dataclass(frozen=True)
+class MethodRecord:
+    """name: the `--method` value; summary: one line for --help and the README; fit: (W [N, K], H [K, K] or
+    None, cfg, name) -> (result, report row); layout: packed layout name; layout_params: cfg -> the params
+    `Layout.pack` needs; result_type: the class of `fit`'s result; uses_hessian: needs calibration
+    statistics; keys: the recipe keys it reads (a per-module override may set only these, plus method);
+    check: extra recipe validation (raises ArbqError)."""
+
+    name: str
+    summary: str
+    fit: Fit
+    layout: str
+    layout_params: Callable[[Any], dict]
+    result_type: type
+    uses_hessian: bool = True
+    keys: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None

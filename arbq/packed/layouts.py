@@ -1,0 +1,78 @@
+"""The packed layouts, by name: how a module's `quantization_config` entry is read and its tensors packed.
+
+A layout is one record (`Layout`): its spec type (shapes, honest-bits formula, params <-> config), how
+to pack a fit's result, how to rebuild rows of Ŵ (the torch backend's and `dequantize`'s path), and
+how to validate loaded tensors. `quantization_config.modules[name] = {"layout", "method", "params"}`;
+kernels declare the layouts they run (arbq.kernels), the torch backend runs them all.
+
+    binary   arbq.packed.format / codec: sign planes, group bits, salient columns, row/column scales
+    uniform  arbq.packed.uniform: asymmetric k-bit codes per column group (the GPTQ baseline)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from arbq.errors import ArbqError
+from arbq.packed import codec, uniform
+from arbq.packed.codec import PackedLinear
+from arbq.packed.format import LinearSpec, Scheme
+
+ROWS_PER_TILE = 1024
+
+
+def _pack_binary(res: Any, params: dict, scale_dtype: str, name: str = "linear") -> PackedLinear:
+    """params: the Scheme flags (rc, salient, group, cgb) and the recipe's blocksize."""
+    if res.blocksize != params["blocksize"]:
+        raise ArbqError(f"{name}: result blocksize {res.blocksize} does not match the recipe's {params['blocksize']}")
+    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    codec.check_representable(res, scheme, name)
+    return codec.pack_linear(res, scheme, scale_dtype)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """name; spec_type: from_params(params, where) -> spec; pack(result, params, scale_dtype, name);
+    dequantize_rows(p, r0, r1) -> Ŵ[r0:r1] fp32; validate(p, name) raises ArbqError."""
+
+    name: str
+    spec_type: type
+    pack: Callable[..., PackedLinear]
+    dequantize_rows: Callable[[PackedLinear, int, int], torch.Tensor]
+    validate: Callable[[PackedLinear, str], None]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "binary": Layout("binary", LinearSpec, _pack_binary,
+                     lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed),
+    "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
+}
+
+
+def layout_of(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except (KeyError, TypeError):
+        raise ArbqError(f"unknown packed layout {name!r}; this arbq reads: {', '.join(LAYOUTS)}") from None
+
+
+def spec_from_entry(entry: Any, where: str) -> Any:
+    """The spec of one `quantization_config.modules` entry {"layout", "method", "params"}."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+        raise ArbqError(f"quantization_config: module {where} must be a mapping with 'layout' and 'params'")
+    return layout_of(entry.get("layout")).spec_type.from_params(entry["params"], where)
+
+
+def dequantize(p: PackedLinear, rows: int = ROWS_PER_TILE) -> torch.Tensor:
+    """Ŵ [N, K] fp32 of any layout, `rows` rows at a time."""
+    n, k = p.spec.out_features, p.spec.in_features
+    fn = layout_of(p.spec.layout).dequantize_rows
+    return torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
+
+
+def validate(p: PackedLinear, name: str = "linear") -> None:
+    layout_of(p.spec.layout).validate(p, name)
