@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from arbq import dtypes
 from arbq.errors import ArbqError
 
 LOCK_NAME = ".arbq.lock"
@@ -173,7 +175,11 @@ def output_lock(out: str | os.PathLike, beside: bool = False) -> Iterator[Path]:
             raise ArbqError(f"{out} is being written by another arbq process{_lock_owner(fd)}; wait for it "
                             f"to finish or choose another -o") from None
         except OSError as e:
-            raise write_error(lock, e) from None
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise write_error(lock, e) from None
+            # a filesystem without flock (some cluster mounts): write unlocked rather than not at all
+            print(f"arbq: warning: cannot lock {lock} ({e.strerror}); make sure no other process writes {out}",
+                  file=sys.stderr)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -213,9 +219,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info
         save_file(tensors, str(tmp), metadata=meta)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = dtypes.SAFETENSORS
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:

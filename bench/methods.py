@@ -26,6 +26,10 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc": (None, {"method": "rc", "cgb": False}),
     "x+cgb": ("x-cgb", {}),
     "rc+cgb": ("rc-cgb", {}),
+    # the k-bit baseline at group 64 (the comparison with llm-compressor's GPTQ at the same setting)
+    "gptq-4b": ("gptq-4b-g64", {}),
+    "gptq-3b": ("gptq-3b-g64", {}),
+    "gptq-2b": ("gptq-2b-g64", {}),
 }
 ALL_METHODS = (FP, *METHODS)
 # family -> (default recipe, reference-equivalent recipe, further reference recipes)
@@ -40,7 +44,8 @@ FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters",
          "search_iters": "--search-iters", "search_fit": "--search-fit", "blocksize": "--blocksize",
          "percdamp": "--percdamp", "split_error": "--split-error", "search_on": "--search-on",
          "split_quantiles": "--split-quantiles",
-         "salient": "--salient", "sequential": ("--sequential", "--no-sequential"),
+         "salient": "--salient", "sequential": ("--sequential", "--no-sequential"), "bits": "--bits",
+         "group": "--group",
          "true_sequential": ("--true-sequential", "--no-true-sequential")}
 
 

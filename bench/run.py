@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "arbq" / "recipes" / "tasks" / "botchan_cloze.yaml"
 SHAPES = "576x576,192x576,1536x576,576x1536,4096x4096,11008x4096"
-DEFAULTS = {"methods": "fp,sign,billm,arb,x,rc,x+cgb,rc+cgb", "nsamples": 16, "seqlen": 512, "max_windows": 8,
+DEFAULTS = {"methods": "fp,sign,billm,arb,x,rc,x+cgb,rc+cgb,gptq-4b,gptq-3b,gptq-2b", "nsamples": 16, "seqlen": 512,
+            "max_windows": 8,
             "heldout_max_windows": 0, "task_limit": 40, "shapes": SHAPES, "kernel_repeats": 21, "warmup": 5,
             "new_tokens": 32, "decode_repeats": 5, "cold": True}
 QUICK = {"methods": "fp,sign,rc+cgb", "nsamples": 2, "seqlen": 128, "max_windows": 1, "heldout_max_windows": 1,
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--methods", help=f"comma list of fp,sign,billm,arb,x,rc,x+cgb,rc+cgb (default all; quick {QUICK['methods']})")
+    a("--methods", help=f"comma list of {DEFAULTS['methods']} (default all; quick {QUICK['methods']})")
     a("--nsamples", type=int, help="calibration windows (default 16; --paper 128)")
     a("--seqlen", type=int, help="calibration window length (default 512; --paper 2048)")
     a("--paper", action="store_true", help="calibration as the paper: 128 × 2048 (far beyond 60 min on 2 cores)")

@@ -15,11 +15,6 @@ from pathlib import Path
 import torch
 
 
-def _stats(ts: list[float]) -> dict:
-    q = statistics.quantiles(ts, n=10)
-    return {"median_ms": statistics.median(ts), "p10_ms": q[0], "p90_ms": q[-1]}
-
-
 def _rows(raw: dict) -> dict:
     """bench_shape's per-batch dict -> {batchB: {dense_*_ms, packed_*_ms, speedup_vs_dense, ...}}."""
     out = {}
@@ -34,7 +29,7 @@ def _rows(raw: dict) -> dict:
 
 def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, warmup: int, device: str) -> dict:
     """bench_shape's protocol on CUDA: dense bf16 matmul vs BinaryLinear, CUDA-event timings."""
-    from arbq.kernels.bench import random_result
+    from arbq.kernels.bench import cuda_timer, interleaved, random_result
     from arbq.methods.registry import scheme_for
     from arbq.packed.binary_linear import BinaryLinear
     from arbq.packed.codec import pack_linear
@@ -55,20 +50,8 @@ def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, wa
             err = float((layer(x) - want).abs().max() / want.abs().max())
             if err > 5e-3:
                 raise RuntimeError(f"packed output differs from dense by {err:.2e}: not timing it")
-            ops = (lambda xb=xb, buf=buf: torch.matmul(xb, wb.T, out=buf), lambda x=x: layer(x))
-            for _ in range(warmup):
-                ops[0](), ops[1]()
-            ts: tuple[list, list] = ([], [])
-            for r in range(repeats):
-                for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    ops[i]()
-                    e.record()
-                    torch.cuda.synchronize()
-                    ts[i].append(s.elapsed_time(e) / 1e3)
-            d, p = _stats(ts[0]), _stats(ts[1])
-            d, p = ({k2: 1e3 * v for k2, v in d.items()}, {k2: 1e3 * v for k2, v in p.items()})
+            ops = (lambda r, xb=xb, buf=buf: torch.matmul(xb, wb.T, out=buf), lambda r, x=x: layer(x))
+            d, p = interleaved(ops, repeats, warmup, cuda_timer)
             out["batches"][str(b)] = {"dense": d, "packed": p, "max_rel_err": err,
                                       "speedup": d["median_ms"] / p["median_ms"]}
     return out

@@ -65,6 +65,34 @@ def save_tiny(path, model_type: str = "llama", seed: int = 0, **kw):
 
 
 @pytest.fixture
+def arbq_cli(monkeypatch, capsys):
+    """arbq_cli(*args) → SimpleNamespace(returncode, stdout, stderr) of `arbq ARGS` run through
+    `arbq.cli.main` in this process: no interpreter and torch start per call (seconds each), and faults
+    monkeypatched by the test apply. Signal handlers are restored afterwards."""
+    import signal
+    import sys
+    from types import SimpleNamespace
+
+    from arbq import cli
+
+    def run(*args) -> SimpleNamespace:
+        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        monkeypatch.setattr(sys, "argv", ["arbq", *map(str, args)])
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
+@pytest.fixture
 def tiny_llama_dir(tmp_path):
     """A saved tiny random Llama (2 layers, hidden 64) with the fixture's tokenizer."""
     return save_tiny(tmp_path / "tiny-llama")

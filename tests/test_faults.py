@@ -29,23 +29,11 @@ CAL = ["--nsamples", "2", "--seqlen", "32", "--seed", "0"]
 
 
 @pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """run_cli(*args) → (exit code, stderr) of `arbq ARGS` in this process (signal handlers restored)."""
-    from arbq import cli
-
+def run_cli(arbq_cli):
+    """run_cli(*args) → (exit code, stderr) of `arbq ARGS` in this process (conftest.arbq_cli)."""
     def run(*args) -> tuple[int, str]:
-        saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        monkeypatch.setattr(sys, "argv", ["arbq", *map(str, args)])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            for s, h in saved.items():
-                signal.signal(s, h)
-        return code, capsys.readouterr().err
+        res = arbq_cli(*args)
+        return res.returncode, res.stderr
     return run
 
 
@@ -111,6 +99,7 @@ def test_missing_tensor_is_refused(tmp_path, tiny, botchan, run_cli, monkeypatch
     bad = _edit_checkpoint(tiny, tmp_path / "m", drop="model.layers.1.mlp.up_proj.weight")
     one_line_error(*run_cli("generate", bad, "hi", "--max-new-tokens", "1"), "missing weights: "
                    "model.layers.1.mlp.up_proj.weight")
+    one_line_error(*run_cli("eval", bad, "--ppl", botchan, "--seqlen", "32", "--max-windows", "1"), "missing")
     # the lazy reader finds the gap and falls back to the full load, which must refuse too
     one_line_error(*run_cli("calibrate", bad, "-o", tmp_path / "c", "--data", botchan, *CAL), "missing weights")
 
@@ -127,6 +116,7 @@ def test_renamed_quant_method_is_refused(tmp_path, tiny, run_cli):
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "arbq_manifest.json").write_text("{}")
     one_line_error(*run_cli("generate", bad, "hi", "--max-new-tokens", "1"), "'arbqq'")
+    one_line_error(*run_cli("eval", bad, "--ppl", tmp_path / "none.txt", "--seqlen", "32"), "'arbqq'")
 
 
 # ---- calibration files: hashes verified on read, resume checks what determines the result ------------------
@@ -145,6 +135,14 @@ def test_flipped_bit_in_statistics(tmp_path, tiny, calib, botchan, run_cli):
                             "--calib", cal), "sha256 mismatch")
     one_line_error(*run_cli("calibrate", tiny, "-o", cal, "--data", botchan, *CAL, "--resume"), "sha256 mismatch")
     assert json.loads((cal / "manifest.json").read_text()) == json.loads((calib / "manifest.json").read_text())
+
+
+def test_resume_of_a_finished_calibration_only_verifies(tmp_path, tiny, calib, botchan, run_cli):
+    cal = _copy(calib, tmp_path / "cal")
+    before = (cal / "manifest.json").read_bytes()
+    code, err = run_cli("calibrate", tiny, "-o", cal, "--data", botchan, *CAL, "--resume")
+    assert code == 0, err
+    assert (cal / "manifest.json").read_bytes() == before          # nothing re-hashed or rewritten
 
 
 def test_flipped_bit_in_samples_and_wrong_shape(tmp_path, tiny, calib, run_cli):
@@ -274,6 +272,14 @@ def test_full_disk_during_pack(tmp_path, tiny, calib, run_cli, monkeypatch):
             one_line_error(*run_cli("pack", tmp_path / "r", "-o", tmp_path / "packed"), "no space left")
         assert not (tmp_path / "packed").exists()
         no_scratch(tmp_path)
+
+
+def test_full_disk_writing_eval_json(tmp_path, tiny, botchan, run_cli, monkeypatch):
+    full_disk(monkeypatch, r"/\.eval\.json\.tmp-")
+    one_line_error(*run_cli("eval", tiny, "--ppl", botchan, "--seqlen", "32", "--max-windows", "1", "--json",
+                            tmp_path / "eval.json"), "no space left")
+    assert not (tmp_path / "eval.json").exists()
+    no_scratch(tmp_path)
 
 
 def test_output_is_an_existing_file_or_read_only(tmp_path, tiny, botchan, run_cli):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import save_tiny
 from safetensors.torch import load_file
-from test_stages import cli, layer_results, one_line_error
+from test_stages import layer_results, one_line_error
 
 from arbq.errors import ArbqError
 from arbq.methods.config import BinarizeConfig
@@ -208,7 +208,8 @@ def test_hessian_dtype_is_recorded_and_checked(tmp_path, tiny_llama_dir, botchan
         run_binarize(model, tmp_path / "s64", seq, calib=tmp_path / "cal32", resume=True)
 
 
-def test_cli_scaling_flags(tmp_path, tiny_llama_dir, botchan):
+def test_cli_scaling_flags(tmp_path, tiny_llama_dir, botchan, arbq_cli):
+    cli = arbq_cli                      # in-process: the same main(), without a torch start per call
     base = ["--data", botchan, "--nsamples", 2, "--seqlen", 32]
     one_line_error(cli("calibrate", tiny_llama_dir, "-o", tmp_path / "c", *base, "--offload-activations", "ram"),
                    "unknown --offload-activations 'ram'")

@@ -72,11 +72,11 @@ def test_calibrate_resume_is_byte_identical(tmp_path, tiny_llama_dir, botchan):
     assert len(files_bytes(a / "stats", "layer_*")) == 2
 
 
-def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan):
+def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan, arbq_cli):
     model = save_tiny(tmp_path / "m", num_hidden_layers=6)
     args = ["binarize", model, "--method", "rc", "--cgb", "--data", botchan, "--nsamples", 3, "--seqlen", 48,
             "--iters", 3, "--blocksize", 32]
-    ref = cli(*args, "-o", tmp_path / "ref")
+    ref = arbq_cli(*args, "-o", tmp_path / "ref")      # the uninterrupted and the resumed run in-process
     assert ref.returncode == 0, ref.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "arbq.cli", *map(str, args), "-o", str(tmp_path / "b")]
@@ -91,7 +91,7 @@ def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan):
     proc.wait()
     done = len(list((tmp_path / "b" / "layers").glob("layer_*")))
     assert done < 6, "the run finished before it could be killed"
-    again = cli(*args, "-o", tmp_path / "b", "--resume")
+    again = arbq_cli(*args, "-o", tmp_path / "b", "--resume")
     assert again.returncode == 0, again.stderr
     assert len(layer_results(tmp_path / "ref")) == 6
     assert layer_results(tmp_path / "ref") == layer_results(tmp_path / "b")
@@ -123,7 +123,8 @@ def one_line_error(res, needle):
     assert len(lines) == 1 and needle in lines[0], res.stderr
 
 
-def test_cli_bad_inputs(tmp_path, tiny_llama_dir, botchan):
+def test_cli_bad_inputs(tmp_path, tiny_llama_dir, botchan, arbq_cli):
+    cli = arbq_cli                      # in-process: the same main(), without a torch start per call
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     base = ["--nsamples", 2, "--seqlen", 32]

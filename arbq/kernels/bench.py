@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -42,12 +43,45 @@ def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, 
         col_scale=torch.rand(2, 2, k, generator=g) + 0.5 if sc.rc else torch.ones(2, 2, k), blocksize=blocksize)
 
 
-def _stats(ts: list[float]) -> dict:
+def stats(ts: list[float]) -> dict:
+    """Median, p10 and p90 in ms of timings in seconds."""
     q = statistics.quantiles(ts, n=10)
     return {"median_ms": 1e3 * statistics.median(ts), "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1]}
 
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+Op = Callable[[int], object]           # op(r): one timed call at repeat r
+
+
+def clock_timer(now: Callable[[], float]) -> Callable[[Op, int], float]:
+    def timed(op: Op, r: int) -> float:
+        t0 = now()
+        op(r)
+        return now() - t0
+    return timed
+
+
+def cuda_timer(op: Op, r: int) -> float:
+    """Seconds of op(r) on the current CUDA stream, by CUDA events."""
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    op(r)
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / 1e3
+
+
+def interleaved(ops: tuple[Op, Op], repeats: int, warmup: int, timer: Callable[[Op, int], float]
+                ) -> tuple[dict, dict]:
+    """The protocol: `warmup` untimed calls of each, then A/B interleaved repeats (the order alternates every
+    repeat); (stats of ops[0], stats of ops[1])."""
+    for r in range(warmup):
+        ops[0](r), ops[1](r)
+    ts: tuple[list, list] = ([], [])
+    for r in range(repeats):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            ts[i].append(timer(ops[i], r))
+    return stats(ts[0]), stats(ts[1])
 
 
 def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
@@ -94,20 +128,10 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
             err = float((layers[0](x) - want).abs().max() / want.abs().max())
             if err > (5e-3 if extra["lanes"] == "fp16" else 1e-4):
                 raise RuntimeError(f"packed output differs from dense by {err:.2e} (relative): not timing it")
-            for i in range(max(warmup, copies)):       # every copy once: per-layer preparation is not timed
-                layers[i % copies](x)
-                torch.matmul(x, dense[i % copies].T, out=buf)
-            td, tp = [], []
-            for r in range(repeats):
-                for first in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    i = r % copies
-                    t0 = now()
-                    if first == 0:
-                        torch.matmul(x, dense[i].T, out=buf)
-                    else:
-                        layers[i](x)
-                    (td if first == 0 else tp).append(now() - t0)
-            d, p = _stats(td), _stats(tp)
+            ops = (lambda r, x=x, buf=buf: torch.matmul(x, dense[r % copies].T, out=buf),
+                   lambda r, x=x: layers[r % copies](x))
+            # every copy once in the warm-up: per-layer preparation is not timed
+            d, p = interleaved(ops, repeats, max(warmup, copies), clock_timer(now))
             out["batches"][str(b)] = {"dense_fp32": d, "packed": p, "max_rel_err": err,
                                       "speedup": d["median_ms"] / p["median_ms"]}
     return out

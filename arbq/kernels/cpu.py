@@ -16,9 +16,11 @@ prefill).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -102,6 +104,28 @@ def _remove_stale_lock(lock: Path, older_than: float) -> None:
         pass
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc; ninja starts each compiler in a process group of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the build child and everything it started (python, ninja, the compilers)."""
+    for p in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _build_with_timeout(name: str, build_dir: Path) -> None:
     """Build in a child process; raise RuntimeError (one line) on failure or after the timeout."""
     timeout = _build_timeout()
@@ -110,16 +134,20 @@ def _build_with_timeout(name: str, build_dir: Path) -> None:
     print("arbq: building the CPU kernel (once per machine, about a minute)...", file=sys.stderr)
     cmd = [sys.executable, "-c", f"from arbq.kernels import cpu; cpu._build({name!r})"]
     verbose = bool(os.environ.get("ARBQ_VERBOSE_BUILD"))
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if verbose else subprocess.DEVNULL,
+                            stderr=None if verbose else subprocess.PIPE, start_new_session=True)
     try:
-        subprocess.run(cmd, timeout=timeout, check=True, stdin=subprocess.DEVNULL,
-                       stdout=None if verbose else subprocess.DEVNULL,
-                       stderr=None if verbose else subprocess.PIPE)
-    except subprocess.TimeoutExpired:
+        _, err = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        _kill_tree(proc.pid)
+        proc.wait()
         lock.unlink(missing_ok=True)           # ours (the child was killed) or one we waited on for too long
-        raise RuntimeError(f"build timed out after {timeout:.0f} s (ARBQ_BUILD_TIMEOUT)") from None
-    except subprocess.CalledProcessError as e:
-        lines = (e.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"build exited with {e.returncode}") from None
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise RuntimeError(f"build timed out after {timeout:.0f} s (ARBQ_BUILD_TIMEOUT)") from None
+        raise
+    if proc.returncode != 0:
+        lines = (err or b"").decode(errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"build exited with {proc.returncode}")
 
 
 def _load_verified(name: str):

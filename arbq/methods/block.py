@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from arbq import dtypes
 from arbq.methods import masks as mk
 from arbq.methods.binarizers import Fit
 from arbq.methods.config import BinarizeConfig
@@ -92,7 +93,7 @@ def choose_masks(W: Tensor, d: Tensor | None, S: Tensor | None, method: Method, 
     return salient, group
 
 
-SCALE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SCALE_DTYPES = {k: dtypes.BY_NAME[k] for k in ("fp16", "bf16", "fp32")}   # what a fit may round its scales to
 
 
 def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:

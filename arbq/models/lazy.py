@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from arbq import dtypes
 from arbq.errors import ArbqError
 from arbq.models import arch as archmod
 from arbq.models import layerwise
@@ -354,7 +355,7 @@ def _to_meta(mod: nn.Module) -> None:
             _set(mod, k, t.to("meta"))
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {k: dtypes.SAFETENSORS[k] for k in dtypes.FLOAT_WEIGHTS}
 
 
 def _stored_dtype(files: dict[str, Path]) -> torch.dtype:

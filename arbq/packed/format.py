@@ -32,14 +32,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from arbq import dtypes
 from arbq.errors import ArbqError
 
 FORMAT_VERSION = 2     # 2: quantization_config holds one {layout, method, params} entry per module
 QUANT_METHOD = "arbq"
 BIT_ORDER = "little"
 
-SCALE_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
-                                        "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
+SCALE_DTYPES: dict[str, torch.dtype] = {k: dtypes.BY_NAME[k] for k in ("fp16", "bf16", "fp8", "fp32")}
 FP8_MAX = 448.0
 
 # tensor suffix -> size-report component

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from arbq import dtypes
 from arbq.errors import ArbqError
 from arbq.fileio import read_json, verify_hashes
 from arbq.models.lazy import params_on_meta
@@ -166,13 +167,7 @@ def check_checkpoint(model: nn.Module, header: dict[str, tuple[tuple[int, ...], 
             raise ArbqError(f"{key}: checkpoint dtype {dt} disagrees with the packed format's {t.dtype}")
 
 
-def _dtype_of(name: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F8_E4M3": torch.float8_e4m3fn, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,
-             "I64": torch.int64, "BOOL": torch.bool, "I16": torch.int16}
-    if name not in table:
-        raise ArbqError(f"unsupported tensor dtype {name} in checkpoint")
-    return table[name]
+_dtype_of = dtypes.from_safetensors
 
 
 def weight_files(root: Path) -> list[Path]:

@@ -213,7 +213,12 @@ def _calibrate(ref: ModelRef, spec: archmod.ArchSpec, out: Path, params: dict, i
         wrote = True
 
     num_layers = 0
-    if params["stats"]:
+    finished = manifest.get("num_layers") if manifest.get("complete") else None
+    if params["stats"] and isinstance(finished, int) and all(stats_path(out, i).is_file() for i in range(finished)):
+        num_layers = finished                       # nothing to compute: only verify, without loading the model
+        if len(_done_layers(out, num_layers, files)) != num_layers:
+            raise ArbqError(f"{out}/manifest.json does not record every statistics file; recalibrate")
+    elif params["stats"]:
         num_layers = _write_stats(ref, spec, samples, out, device, offload, hdtype, lazy, runtime, files, record)
         if wrote:
             runtime = {"device": device, "offload_activations": offload, "lazy": runtime["lazy"]}
@@ -221,7 +226,9 @@ def _calibrate(ref: ModelRef, spec: archmod.ArchSpec, out: Path, params: dict, i
     final = {"params": params, "model_identity": identity, "complete": True, "versions": library_versions(),
              "runtime": runtime, "num_layers": num_layers, "tokens": int(samples.numel()),
              "files": {n: files[n] for n in sorted(names)}}
-    if final != manifest:
+    if manifest.get("complete") and not wrote:
+        final = read_json(mpath)        # verified and unchanged: the manifest (and its sha256) stays as it is
+    else:
         write_json(mpath, final)
     console.print(f"calibration: {samples.shape[0]} × {samples.shape[1]} tokens from {params['data']} → {out}")
     return final

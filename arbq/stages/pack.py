@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from arbq import dtypes
 from arbq.errors import ArbqError
 from arbq.fileio import atomic_path, file_hashes, library_versions, write_json
 from arbq.methods.config import BinarizeConfig
@@ -33,7 +34,7 @@ from arbq.packed.sizes import SizeReport, report_table
 from arbq.stages.run_dir import RunDir
 
 console = Console(stderr=True)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {k: dtypes.BY_NAME[k] for k in dtypes.HF_NAMES}   # --dtype of the unquantized tensors
 MAX_SHARD_BYTES = 2 * 1024**3
 SAME_ACROSS_RUNS = ("model", "model_type", "num_layers", "linears", "recipe")
 
@@ -178,7 +179,7 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
         qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
                 "modules": modules}
         cfg = model.config.to_dict()
-        cfg.update(quantization_config=qcfg, dtype={"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype],
+        cfg.update(quantization_config=qcfg, dtype=dtypes.HF_NAMES[dtype],
                    use_cache=True)
         write_json(tmp / "config.json", cfg)
         if getattr(model, "generation_config", None) is not None:
