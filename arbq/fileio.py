@@ -81,6 +81,14 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root` (a directory about to be renamed into place)."""
+    root = Path(root)
+    for p in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        fsync_path(p)
+    fsync_path(root)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it, rename it onto `path` and fsync the

@@ -65,6 +65,16 @@ def save_tiny(path, model_type: str = "llama", seed: int = 0, **kw):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): in-process runs then sum in the same order as
+    subprocesses started with OMP_NUM_THREADS=1, so their results can be compared bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def arbq_cli(monkeypatch, capsys):
     """arbq_cli(*args) → SimpleNamespace(returncode, stdout, stderr) of `arbq ARGS` run through
     `arbq.cli.main` in this process: no interpreter and torch start per call (seconds each), and faults

@@ -310,6 +310,8 @@ def test_second_writer_is_refused(tmp_path, tiny, calib, botchan, run_cli):
                        f"pid {os.getpid()}")
     code, err = run_cli("binarize", tiny, "-o", tmp_path / "r", "--method", "sign", "--calib", calib)
     assert code == 0, err                                          # the lock died with its holder
+    with output_lock(tmp_path / "packed", beside=True):
+        one_line_error(*run_cli("pack", tmp_path / "r", "-o", tmp_path / "packed"), "being written by another")
 
 
 def _layer_files(run: Path) -> dict[str, bytes]:
@@ -319,7 +321,7 @@ def _layer_files(run: Path) -> dict[str, bytes]:
     from arbq.fileio import read_info
 
     out = {}
-    for p in sorted((run / "layers").glob("layer_*")):
+    for p in sorted((run / "layers").glob("layer_*.safetensors")):
         rows = [{k: v for k, v in r.items() if k != "seconds"} for r in read_info(p)["report"]]
         out[p.name] = ({k: v.numpy().tobytes() for k, v in load_file(p).items()}, rows)
     return out
@@ -338,18 +340,18 @@ def deep(tmp_path_factory, botchan):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_mid_layer_then_resume_is_bit_identical(tmp_path, deep, run_cli, sig):
+def test_killed_mid_layer_then_resume_is_bit_identical(tmp_path, deep, run_cli, one_thread, sig):
     args, want = deep
     out = tmp_path / "b"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "arbq.cli", *map(str, args), "-o", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list((out / "layers").glob("layer_*")):
+    while time.time() < deadline and proc.poll() is None and not list((out / "layers").glob("layer_*.safetensors")):
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert len(list((out / "layers").glob("layer_*"))) < 4, "the run finished before it could be killed"
+    assert len(list((out / "layers").glob("layer_*.safetensors"))) < 4, "the run finished before it could be killed"
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM, err
         assert err.strip().splitlines()[-1] == "interrupted by SIGTERM (rerun with --resume to continue)"
@@ -388,7 +390,7 @@ def fresh_build(tmp_path, monkeypatch):
     from arbq.kernels import cpu
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setenv("ARBQ_BUILD_TIMEOUT", "4")
+    monkeypatch.setenv("ARBQ_BUILD_TIMEOUT", "2")
     monkeypatch.setattr(cpu, "_ext", None)
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -429,3 +431,14 @@ def test_bad_recipe_value(tmp_path, tiny, run_cli, line, key):
     recipe.write_text(f"method: rc\n{line}\n")
     code, err = run_cli("binarize", tiny, "-o", tmp_path / "r", "--recipe", recipe)
     one_line_error(code, err, key)
+
+
+def test_flipped_bit_in_a_run_layer_file_is_refused_when_read(tmp_path, tiny, calib, run_cli):
+    """Layer files' sha256 (layers/layer_NNNN.sha256) is checked whenever a layer is read: pack refuses."""
+    code, err = run_cli("binarize", tiny, "-o", tmp_path / "r", "--method", "sign", "--calib", calib)
+    assert code == 0, err
+    layer = tmp_path / "r" / "layers" / "layer_0001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-5] ^= 0x10                                   # a data byte: the header still parses
+    layer.write_bytes(bytes(data))
+    one_line_error(*run_cli("pack", tmp_path / "r", "-o", tmp_path / "p"), "sha256 differs")

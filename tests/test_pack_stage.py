@@ -57,7 +57,8 @@ def test_round_trip_logits_equal_fake_quant(tiny):
 
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_decode_sized_inputs_equal_fake_quant(tiny, tokens):
-    """1 and 5 tokens: the batch-1 GEMV kernels (table lookup on CPU), not the dequantized-tile path."""
+    """1 and 5 tokens through the packed model on the torch backend (this module's fixture); the same inputs
+    through the C++ lookup kernel are tests/test_cpu_kernel_model.py."""
     model = arbq.load(tiny["packed"])
     ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(tokens))
     want = _logits(_fake_quant(tiny["model"], tiny["results"]), ids)

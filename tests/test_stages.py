@@ -39,7 +39,7 @@ def layer_results(run: Path) -> dict:
     from arbq.fileio import read_info
 
     out = {}
-    for p in sorted((run / "layers").glob("layer_*")):
+    for p in sorted((run / "layers").glob("layer_*.safetensors")):
         rows = [{k: v for k, v in r.items() if k != "seconds"} for r in read_info(p)["report"]]
         out[p.name] = ({k: v.numpy().tobytes() for k, v in load_file(p).items()}, rows)
     return out
@@ -72,7 +72,7 @@ def test_calibrate_resume_is_byte_identical(tmp_path, tiny_llama_dir, botchan):
     assert len(files_bytes(a / "stats", "layer_*")) == 2
 
 
-def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan, arbq_cli):
+def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan, arbq_cli, one_thread):
     model = save_tiny(tmp_path / "m", num_hidden_layers=6)
     args = ["binarize", model, "--method", "rc", "--cgb", "--data", botchan, "--nsamples", 3, "--seqlen", 48,
             "--iters", 3, "--blocksize", 32]
@@ -84,12 +84,12 @@ def test_binarize_killed_then_resumed_is_bit_identical(tmp_path, botchan, arbq_c
     deadline = time.time() + 120
     target = random.Random().randint(1, 4)       # kill after a random number of finished layers
     while time.time() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "b" / "layers").glob("layer_*"))) >= target:
+        if len(list((tmp_path / "b" / "layers").glob("layer_*.safetensors"))) >= target:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list((tmp_path / "b" / "layers").glob("layer_*")))
+    done = len(list((tmp_path / "b" / "layers").glob("layer_*.safetensors")))
     assert done < 6, "the run finished before it could be killed"
     again = arbq_cli(*args, "-o", tmp_path / "b", "--resume")
     assert again.returncode == 0, again.stderr

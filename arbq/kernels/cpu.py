@@ -82,12 +82,11 @@ def _build_timeout() -> float:
         return 600.0
 
 
-def _build(name: str) -> None:
-    """torch's JIT build of the kernel (run in the child process started by `_build_with_timeout`)."""
-    from torch.utils.cpp_extension import load
-
-    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], verbose=bool(os.environ.get("ARBQ_VERBOSE_BUILD")))
+# torch's JIT build of the kernel, run by `_build_with_timeout` in a child process that needs only torch
+# (argv: name, source, verbose)
+BUILD_SCRIPT = ("import sys; from torch.utils.cpp_extension import load; "
+                "load(name=sys.argv[1], sources=[sys.argv[2]], extra_cflags=['-O3', '-march=native', '-fopenmp'], "
+                "extra_ldflags=['-fopenmp'], verbose=sys.argv[3] == '1')")
 
 
 def _sha256(path: Path) -> str:
@@ -132,8 +131,8 @@ def _build_with_timeout(name: str, build_dir: Path) -> None:
     lock = build_dir / "lock"
     _remove_stale_lock(lock, timeout)
     print("arbq: building the CPU kernel (once per machine, about a minute)...", file=sys.stderr)
-    cmd = [sys.executable, "-c", f"from arbq.kernels import cpu; cpu._build({name!r})"]
     verbose = bool(os.environ.get("ARBQ_VERBOSE_BUILD"))
+    cmd = [sys.executable, "-c", BUILD_SCRIPT, name, str(SOURCE), "1" if verbose else "0"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=None if verbose else subprocess.DEVNULL,
                             stderr=None if verbose else subprocess.PIPE, start_new_session=True)
     try:

@@ -180,6 +180,9 @@ def accumulate_expert_hessians(layer: nn.Module, spec: MoESpec, x: Activations |
     mod = fused_experts(layer, spec)
     if mod is None:
         raise ArbqError(f"{name}: no fused experts at {spec.experts}")
+    if not set(projections) <= {"gate_proj", "down_proj"}:
+        raise ValueError(f"projections: 'gate_proj' (its Hessian is up_proj's too) and/or 'down_proj', "
+                         f"not {projections}")
     chosen = list(range(num_experts(mod))) if experts is None else list(experts)
     d_in, d_mid = expert_weight(mod, 0, "gate_proj").shape[1], expert_weight(mod, 0, "down_proj").shape[1]
     sums = {(e, p): torch.zeros(k, k, dtype=dtype, device=device) for e in chosen for p, k in

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from arbq.fileio import copy_tensors
+from arbq.fileio import copy_tensors, fsync_tree, writing
 from arbq.models import arch as archmod
 from arbq.models.lazy import INDEX, LazyModel
 from arbq.models.loading import ModelRef, load_model, load_tokenizer
@@ -32,7 +32,9 @@ def write_fake_model(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, net: La
             _save_eager(ref, run, spec, tmp)
         else:
             _save_streamed(net, run, tmp)
-        load_tokenizer(ref).save_pretrained(str(tmp))
+        with writing(tmp):
+            load_tokenizer(ref).save_pretrained(str(tmp))
+        fsync_tree(tmp)
         os.replace(tmp, run.fake_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -45,7 +47,8 @@ def _save_eager(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, tmp: Path) -
         for name, res in run.read_layer(i, list(spec.linears)).items():
             lin[name].weight.copy_(res.dequantize().to(lin[name].weight.dtype))
     model.config.use_cache = True
-    model.save_pretrained(str(tmp))
+    with writing(tmp):
+        model.save_pretrained(str(tmp))
 
 
 def _save_streamed(net: LazyModel, run: RunDir, tmp: Path) -> None:
@@ -73,6 +76,7 @@ def _save_streamed(net: LazyModel, run: RunDir, tmp: Path) -> None:
     config = copy.deepcopy(net.model.config)
     config.use_cache = True
     config.architectures = [type(net.model).__name__]
-    config.save_pretrained(str(tmp))
+    with writing(tmp):
+        config.save_pretrained(str(tmp))
     if (root / "generation_config.json").is_file():
         shutil.copyfile(root / "generation_config.json", tmp / "generation_config.json")

@@ -22,7 +22,16 @@ from safetensors.torch import save_file
 
 from arbq import dtypes
 from arbq.errors import ArbqError
-from arbq.fileio import atomic_path, file_hashes, library_versions, write_json
+from arbq.fileio import (
+    atomic_path,
+    file_hashes,
+    fsync_path,
+    fsync_tree,
+    library_versions,
+    output_lock,
+    write_json,
+    writing,
+)
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import get_method
 from arbq.models.arch import decoder_layers
@@ -118,10 +127,19 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str | None = None,
+def run_pack(runs: list[Path], out: Path, *args, **kwargs) -> dict:
+    """`_run_pack` holding the lock beside `out` (`<parent>/.<name>.arbq.lock`; the packed dir is replaced as a
+    whole): a second packer of the same output is refused, and a killed pack's `.<name>.tmp-<pid>` dir is
+    removed."""
+    with output_lock(Path(out), beside=True):
+        return _run_pack(runs, out, *args, **kwargs)
+
+
+def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str | None = None,
              json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Pack the runs into `out`; returns (and prints, and optionally writes) the size report.
     scale_dtype None = the recipe's (the dtype the fit rounded its scales to; runs older than that
@@ -182,9 +200,10 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
         cfg.update(quantization_config=qcfg, dtype=dtypes.HF_NAMES[dtype],
                    use_cache=True)
         write_json(tmp / "config.json", cfg)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        load_tokenizer(ref).save_pretrained(tmp)
+        with writing(tmp):
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            load_tokenizer(ref).save_pretrained(tmp)
         packed_bytes = sum((tmp / f).stat().st_size for f in files if f.endswith(".safetensors"))
         rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=recipe.label(),
                             cgb=recipe.cgb, blocksize=recipe.blocksize, scale_dtype=scale_dtype or recipe.scale_dtype,
@@ -196,6 +215,7 @@ def run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str 
                                         "calib_manifest_sha256": info.get("calib", {}).get("manifest_sha256")},
                                     "versions": library_versions(),
                                     "size": {k: rep[k] for k in ("binarized", "model")}})
+        fsync_tree(tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

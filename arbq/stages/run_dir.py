@@ -7,6 +7,8 @@ RUN/layers/layer_0007.safetensors  results of decoder layer 7: each linear's res
                                  "report": [per-linear report rows], "methods": {linear: method}}; linears
                                  a recipe ignores are absent. Files without "methods" (older runs) hold
                                  every linear, made with run.json's recipe method
+RUN/layers/layer_0007.sha256     the layer file's sha256, written after it; checked whenever the layer is
+                                 read (a layer file with "methods" but no hash file counts as unfinished)
 RUN/report.jsonl                 one row per binarized linear (rebuilt from the layer files)
 RUN/model-fake/                  HF dir whose linears hold the dequantized binarized weights
 RUN/calib/                       calibration written by `binarize` when no --calib was given
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from arbq.errors import ArbqError
-from arbq.fileio import load_tensors, read_info, read_json, save_tensors, write_text
+from arbq.fileio import load_tensors, read_info, read_json, save_tensors, sha256_file, write_text
 from arbq.methods.registry import get_method
 
 RUN_FORMAT = "arbq-run/1"
@@ -55,9 +57,14 @@ class RunDir:
             raise ArbqError(f"{self.root}: unknown run format {info.get('format')!r} (expected {RUN_FORMAT})")
         return info
 
+    def hash_path(self, i: int) -> Path:
+        return self.layers_dir / f"layer_{i:04d}.sha256"
+
     def layer_complete(self, i: int) -> bool:
-        """A layer file counts only if it opens and its header names the layer (writes are atomic)."""
-        return (read_info(self.layer_path(i)) or {}).get("layer") == i
+        """A layer file counts only if it opens, its header names the layer (writes are atomic) and, for files
+        that record their methods (every file this version writes), its hash file was written after it."""
+        info = read_info(self.layer_path(i)) or {}
+        return info.get("layer") == i and ("methods" not in info or self.hash_path(i).is_file())
 
     def present_layers(self, num_layers: int) -> list[int]:
         return [i for i in range(num_layers) if self.layer_complete(i)]
@@ -68,6 +75,15 @@ class RunDir:
         for name, res in results.items():
             tensors.update(res.to_tensors(name))
         save_tensors(self.layer_path(i), tensors, info={"layer": i, "report": report, "methods": methods})
+        write_text(self.hash_path(i), sha256_file(self.layer_path(i)) + "\n")
+
+    def verify_layer(self, i: int) -> None:
+        """Refuse a layer file whose sha256 differs from the one recorded when it was written."""
+        if self.hash_path(i).is_file():
+            want = self.hash_path(i).read_text().strip()
+            if sha256_file(self.layer_path(i)) != want:
+                raise ArbqError(f"{self.layer_path(i)}: sha256 differs from {self.hash_path(i).name}: the file is "
+                                "corrupt or was modified; delete both and rerun `arbq binarize --resume`")
 
     def layer_methods(self, i: int, linears: list[str]) -> dict[str, str]:
         """linear -> method of the results stored for layer i, for the `linears` asked that it holds (older
@@ -81,6 +97,7 @@ class RunDir:
 
     def read_layer(self, i: int, linears: list[str]) -> dict[str, Any]:
         """linear -> result (its method's result type) of every linear stored for layer i."""
+        self.verify_layer(i)
         tensors = load_tensors(self.layer_path(i))
         return {name: get_method(m).result_type.from_tensors(tensors, name)
                 for name, m in self.layer_methods(i, linears).items()}
