@@ -149,6 +149,10 @@ def render(res: dict, console: Console) -> None:
         console.print(binarize_table(res))
     if res.get("size"):
         console.print(size_table(res))
+    if res.get("quality"):
+        from bench.frontier import frontier_table
+
+        console.print(frontier_table(res))
     if isinstance(res.get("kernels"), dict) and "method" in res["kernels"]:
         console.print(kernel_table(res))
         for other in res["kernels"].get("other_methods", []):

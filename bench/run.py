@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     b.res["timing"]["loadavg_at_end"] = b.res["machine"]["loadavg_at_start"] and \
         [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
     b.save()
+    from bench.frontier import plot
+
+    png = plot(b.res, args.results.with_name(args.results.stem + "-frontier.png"))
+    if png:
+        b.res.setdefault("notes", []).append(f"frontier plot → {png}")
     render(b.res, Console(width=max(Console().width, 160)))
     print(f"results → {args.results} ({b.res['timing']['total_s']:.0f} s)")
     return 1 if b.res["errors"] else 0

@@ -1,6 +1,10 @@
-"""Mixture-of-experts groundwork (arbq.models.moe) on tiny random Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
+"""Mixture-of-experts models (arbq.models.moe) on tiny random Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE
 models: expert views of the fused parameters, per-expert Hessians against a token-by-token reference,
-the no-token rule, and the unfused experts module packed models run from."""
+the no-token rule, the unfused experts module packed models run from; and end to end, every family
+binarized, packed and run from the bits (logits = the fake-quant model's), an expert without calibration
+tokens, and --no-sequential from calibrate's per-expert statistics."""
+
+import json
 
 import pytest
 import torch
@@ -194,3 +198,151 @@ def test_lazy_layers_assemble_the_fused_experts_from_the_checkpoint(tiny_moe):
     assert all(p.device.type == "meta" for p in net.layers[0].parameters())
     net.free_layer(1)
     assert all(p.device.type == "meta" for p in net.layers[1].parameters())
+
+
+# --- end to end: calibrate → binarize → pack → run from the bits -------------------------------------------
+
+CAL = dict(nsamples=3, seqlen=48, seed=0)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _expert_rows(rows):
+    return [r for r in rows if ".experts." in r["module"]]
+
+
+def _packs_and_runs_from_the_bits(run, out, ids):
+    """Pack `run`, load it with arbq.load: every expert projection is a BinaryLinear and the logits are
+    the fake-quant model's (RUN/model-fake loaded as a plain HF model)."""
+    from transformers import AutoModelForCausalLM
+
+    import arbq
+    from arbq.packed.binary_linear import BinaryLinear
+    from arbq.stages.pack import run_pack
+
+    run_pack([run], out, dtype="fp32")
+    packed = arbq.load(out)
+    experts = packed.model.layers[1].mlp.experts
+    assert isinstance(experts, moe.UnfusedExperts)
+    assert all(isinstance(getattr(x, p), BinaryLinear) for x in experts for p in moe.PROJECTIONS)
+    assert not any(".experts." in n for n, _ in packed.named_parameters())     # no expert weight in full precision
+    fake = AutoModelForCausalLM.from_pretrained(run / "model-fake", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(packed, ids), _logits(fake, ids), rtol=0, atol=1e-5)
+    return fake
+
+
+def test_every_moe_family_binarizes_packs_and_runs_from_the_bits(tiny_moe, botchan, tmp_path, monkeypatch):
+    """rc+cgb (sequential): a report row per expert projection with its routed tokens; model-fake holds Ŵ in
+    the fused parameters (streamed from the checkpoint's per-expert tensors, and the same when written
+    eagerly); the packed model's logits are model-fake's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from arbq.methods.config import BinarizeConfig
+    from arbq.models.arch import arch_for
+    from arbq.models.loading import resolve
+    from arbq.stages.binarize import run_binarize
+    from arbq.stages.fake_model import write_fake_model
+    from arbq.stages.run_dir import RunDir
+
+    monkeypatch.setenv("ARBQ_KERNEL", "torch")
+    family, path, model = tiny_moe
+    spec = arch_for(family, model.config)
+    assert spec.moe is not None and spec.groups[-1] == ("mlp.experts.3.down_proj",)
+    cfg = BinarizeConfig(method="rc", cgb=True, iters=1, blocksize=32)
+    rows = run_binarize(str(path), tmp_path / "run", cfg, data=str(botchan), **CAL)
+    assert len(rows) == 2 * len(spec.linears) and all(r["output_err"] < 1 for r in rows)
+    experts = _expert_rows(rows)
+    assert len(experts) == 2 * 4 * 3 and all(r["hessian"] == moe.NO_TOKEN_RULE if r["tokens"] == 0 else
+                                             r["hessian"] == "routed" for r in experts)
+    for layer in (0, 1):      # every calibration token goes to top-k = 2 experts
+        assert sum(r["tokens"] for r in experts if r["layer"] == layer and r["module"].endswith("gate_proj")) \
+            == 3 * 48 * 2
+    assert not any("expert" in r for r in rows if ".experts." not in r["module"])
+    run = RunDir(tmp_path / "run")
+    res = run.read_layer(1, ["mlp.experts.2.up_proj"])["mlp.experts.2.up_proj"]
+    fake = _packs_and_runs_from_the_bits(run.root, tmp_path / "packed", torch.randint(0, 49152, (2, 20)))
+    w = moe.expert_linears(fake.model.layers[1], SPEC)["mlp.experts.2.up_proj"].weight
+    torch.testing.assert_close(w, res.dequantize(), rtol=0, atol=0)
+    shutil.copytree(run.root, tmp_path / "eager")                  # model-fake written eagerly: the same tensors
+    shutil.rmtree(tmp_path / "eager" / "model-fake")
+    write_fake_model(resolve(str(path)), RunDir(tmp_path / "eager"), spec)
+    streamed, eager = (load_file(d / "model-fake" / "model.safetensors") for d in (run.root, tmp_path / "eager"))
+    assert streamed.keys() == eager.keys() and all(torch.equal(streamed[k], eager[k]) for k in streamed)
+
+
+def test_an_expert_without_calibration_tokens_is_binarized_reported_packed_and_run(botchan, tmp_path, monkeypatch):
+    """A router that never picks expert 3 (the same model otherwise): its rows in report.jsonl say 0 tokens and
+    the identity rule (H = I, damped), the others are routed; true-sequential sign binarization; the model
+    still packs and runs from the bits like its fake-quant model (same router)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from arbq.methods.config import BinarizeConfig
+    from arbq.stages.binarize import run_binarize
+
+    monkeypatch.setenv("ARBQ_KERNEL", "torch")
+    family = "qwen2_moe"
+    path = save_tiny(tmp_path / "m", model_type=family, **FAMILIES[family])
+    skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    router_cls = type(skeleton.model.layers[0].get_submodule(SPEC.router))
+    original = router_cls.forward
+
+    def never_expert_3(self, hidden):
+        logits, _, _ = original(self, hidden)
+        probs = torch.softmax(logits.float(), dim=-1)
+        probs[:, 3] = -1
+        top, index = torch.topk(probs, self.top_k, dim=-1)
+        return logits, (top / top.sum(-1, keepdim=True)).to(logits.dtype), index
+
+    monkeypatch.setattr(router_cls, "forward", never_expert_3)
+    cfg = BinarizeConfig(method="sign", true_sequential=True, blocksize=32)
+    rows = run_binarize(str(path), tmp_path / "run", cfg, data=str(botchan), **CAL)
+    experts = _expert_rows(rows)
+    silent = [r for r in experts if r["expert"] == 3]
+    assert len(silent) == 2 * 3 and all(r["tokens"] == 0 and r["hessian"] == moe.NO_TOKEN_RULE for r in silent)
+    assert all(r["tokens"] > 0 and r["hessian"] == "routed" for r in experts if r["expert"] != 3)
+    assert all(0 < r["weight_err"] < 1.5 for r in silent)
+    report = [json.loads(line) for line in (tmp_path / "run" / "report.jsonl").read_text().splitlines()]
+    assert [r for r in report if r.get("expert") == 3] == silent
+    _packs_and_runs_from_the_bits(tmp_path / "run", tmp_path / "packed", torch.randint(0, 49152, (2, 20)))
+
+
+def test_no_sequential_uses_stored_per_expert_statistics_and_shards(botchan, tmp_path, monkeypatch):
+    """calibrate stores per-expert Hessians (and tokens) for MoE layers: --no-sequential runs from them,
+    layer shards equal the whole run, layer 0 equals the sequential run's (same inputs), the expert rows carry
+    tokens and rule, and the packed shards run from the bits like the whole run's fake-quant model."""
+    from test_stages import layer_results
+    from transformers import AutoModelForCausalLM
+
+    import arbq
+    from arbq.fileio import read_info
+    from arbq.methods.config import BinarizeConfig
+    from arbq.stages.binarize import run_binarize
+    from arbq.stages.calibrate import run_calibrate, stats_path
+    from arbq.stages.pack import run_pack
+
+    monkeypatch.setenv("ARBQ_KERNEL", "torch")
+    path = save_tiny(tmp_path / "m", model_type="qwen2_moe", **FAMILIES["qwen2_moe"])
+    cal = tmp_path / "cal"
+    run_calibrate(str(path), cal, data=str(botchan), **CAL)
+    info = read_info(stats_path(cal, 1))
+    assert sum(v["tokens"] for k, v in info["experts"].items() if k.endswith("gate_proj")) == 3 * 48 * 2
+    cfg = BinarizeConfig(method="sign", sequential=False, blocksize=32)
+    for name, layers in (("s0", "0:1"), ("s1", "1:2"), ("all", None)):
+        rows = run_binarize(str(path), tmp_path / name, cfg, calib=cal, layers=layers)
+    assert {**layer_results(tmp_path / "s0"), **layer_results(tmp_path / "s1")} == layer_results(tmp_path / "all")
+    experts = _expert_rows(rows)
+    assert len(experts) == 2 * 4 * 3 and all(r["tokens"] > 0 and r["hessian"] == "routed" for r in experts)
+    assert [(r["expert"], r["tokens"]) for r in experts if r["layer"] == 1 and r["module"].endswith("down_proj")] \
+        == [(e, info["experts"][f"mlp.experts.{e}.down_proj"]["tokens"]) for e in range(4)]
+    run_binarize(str(path), tmp_path / "seq", BinarizeConfig(method="sign", blocksize=32), calib=cal)
+    assert layer_results(tmp_path / "seq")["layer_0000.safetensors"] == \
+        layer_results(tmp_path / "all")["layer_0000.safetensors"]
+    run_pack([tmp_path / "s0", tmp_path / "s1"], tmp_path / "packed", dtype="fp32")
+    ids = torch.randint(0, 49152, (2, 20))
+    fake = AutoModelForCausalLM.from_pretrained(tmp_path / "all" / "model-fake", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(arbq.load(tmp_path / "packed"), ids), _logits(fake, ids), rtol=0, atol=1e-5)

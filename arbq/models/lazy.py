@@ -391,7 +391,7 @@ def _skeleton(config, files: dict[str, Path]) -> nn.Module:
 def open_layerwise(ref: ModelRef, lazy: bool = True) -> LayerwiseModel:
     """`ref` ready for layer-by-layer processing: lazy when it is a plain safetensors checkpoint."""
     config = load_config(ref)
-    spec = archmod.arch_for(config.model_type)
+    spec = archmod.arch_for(config.model_type, config)
     plain = getattr(config, "quantization_config", None) is None
     files = checkpoint_files(ref) if lazy and plain else None
     if files:

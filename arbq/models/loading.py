@@ -120,7 +120,7 @@ def load_model(ref: ModelRef, dtype: torch.dtype | str = "auto") -> tuple[nn.Mod
     from transformers import AutoModelForCausalLM
 
     config = load_config(ref)
-    spec = arch_for(config.model_type)
+    spec = arch_for(config.model_type, config)
     check_quantization(ref, config)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype, output_loading_info=True,

@@ -98,7 +98,9 @@ def expert_weight(experts: nn.Module, e: int, proj: str) -> torch.Tensor:
 class ExpertLinear:
     """One expert's projection where the stages expect an nn.Linear: `.weight` [out, in] (a view of the
     fused parameter, resolved on every access so it follows the layer across devices and dtypes),
-    `.in_features`, `.out_features`."""
+    `.in_features`, `.out_features`; no bias."""
+
+    bias = None
 
     def __init__(self, experts: nn.Module, e: int, proj: str):
         self.experts, self.expert, self.proj = experts, e, proj

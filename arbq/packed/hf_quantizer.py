@@ -22,6 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from arbq.errors import ArbqError
+from arbq.models.arch import unfuse_moe
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.format import QUANT_METHOD
 from arbq.packed.layouts import validate
@@ -57,6 +58,7 @@ class ArbqHfQuantizer(HfQuantizer):
         verify_manifest(files[0].parent)
         q = self.quantization_config.checked()
         dev = next((p.device for p in model.parameters()), "meta")
+        unfuse_moe(model, device=dev)       # MoE: per-expert linears, as pack stored them
         swap_linears(model, q, device=dev, dtype=dtype or next(model.parameters()).dtype)
         check_checkpoint(model, read_header(files))
         return model

@@ -7,7 +7,8 @@ PACKED/config.json            model config + `quantization_config`: quant_method
 PACKED/model*.safetensors     packed linears (arbq.packed.format) and the unbinarized weights
 PACKED/arbq_manifest.json     sha256 of every other file
 
-`load` verifies the manifest, builds the model skeleton with parameters on the meta device, swaps every
+`load` verifies the manifest, builds the model skeleton with parameters on the meta device (fused MoE
+experts replaced by per-expert linears: arbq.models.moe.unfuse_experts), swaps every
 packed linear for a BinaryLinear, checks the checkpoint's keys, shapes and dtypes against it, then
 assigns the tensors (safetensors only: nothing is unpickled).
 """
@@ -24,6 +25,7 @@ from torch import nn
 from arbq import dtypes
 from arbq.errors import ArbqError
 from arbq.fileio import read_json, verify_hashes
+from arbq.models.arch import unfuse_moe
 from arbq.models.lazy import params_on_meta
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.format import FORMAT_VERSION, QUANT_METHOD, SCALE_DTYPES, param
@@ -216,6 +218,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or stored or torch.float32
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_moe(model, device="meta")     # MoE: per-expert linears, as pack stored them
     swap_linears(model, q, device="meta", dtype=dtype)
     check_checkpoint(model, header)
     packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear)

@@ -24,7 +24,7 @@ from arbq.fileio import output_lock, sha256_file, write_json
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import get_method
 from arbq.models import arch as archmod
-from arbq.models import layerwise
+from arbq.models import layerwise, moe
 from arbq.models.activations import check_offload, scratch
 from arbq.models.lazy import LayerwiseModel, open_layerwise
 from arbq.models.loading import check_device, load_config, resolve
@@ -105,7 +105,8 @@ def _run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None
     ref = resolve(model)
     check_device(device)
     check_offload(offload)
-    spec = archmod.arch_for(load_config(ref).model_type)
+    config = load_config(ref)
+    spec = archmod.arch_for(config.model_type, config)
     if layers and cfg.sequential:
         raise ArbqError("--layers needs --no-sequential (sequential layers depend on the ones before)")
     if hessian_dtype is not None:
@@ -157,8 +158,9 @@ def _apply(layer, lin: dict[str, torch.nn.Linear], results: dict) -> None:
 def _binarize_layer(i: int, layer, spec, hess_for, cfg: BinarizeConfig, device: str, prog, task
                     ) -> tuple[dict, list[dict], dict[str, str]]:
     """Quantize the linears of layer i in true-sequential group order, each with the method its recipe
-    settings name (`cfg.for_module`; ignored ones stay full precision). hess_for(group) → {name: H}.
-    Returns (linear -> result, report rows, linear -> method)."""
+    settings name (`cfg.for_module`; ignored ones stay full precision). hess_for(group) → {name: H};
+    its optional attribute `report` {name: fields} adds fields to a linear's report row (an expert's index,
+    routed tokens and Hessian rule). Returns (linear -> result, report rows, linear -> method)."""
     lin = archmod.layer_linears(layer, spec)
     results, rows, methods = {}, [], {}
     for group in spec.groups:
@@ -172,7 +174,8 @@ def _binarize_layer(i: int, layer, spec, hess_for, cfg: BinarizeConfig, device: 
             res, row = get_method(cfg_m.method).fit(lin[name].weight.data.to(device), hess[name].to(device), cfg_m,
                                                     f"layer {i} {name}")
             results[name], methods[name] = res.to("cpu"), cfg_m.method
-            rows.append({"layer": i, **row, "module": name, "method": cfg_m.label()})
+            rows.append({"layer": i, **row, "module": name, "method": cfg_m.label(),
+                         **getattr(hess_for, "report", {}).get(name, {})})
             lin[name].weight.data.copy_(results[name].dequantize().to(lin[name].weight.dtype))
     return results, rows, methods
 
@@ -184,17 +187,45 @@ def _progress() -> Progress:
 
 def _hessian_source(layer, lin, spec, x, kwargs, device: str, i: int, true_sequential: bool, dtype: torch.dtype):
     """hess_for(group) → {name: H}: per group from the partly binarized layer (true-sequential),
-    or every group from one full-precision pass (the reference's order)."""
+    or every group from one full-precision pass (the reference's order).
+    MoE layers: experts' Hessians from the tokens routed to each (moe.accumulate_expert_hessians); true-
+    sequential takes every expert's gate/up Hessian in one pass once the dense groups before are done,
+    and every expert's down Hessian in one more pass once all gate/up are binarized. hess_for.report
+    {expert linear: {"expert", "tokens", "hessian"}} is filled as Hessians are computed."""
+    report: dict[str, dict] = {}
+    dense_groups = [g for g in spec.groups if not archmod.is_expert(spec, g[0])]
+
+    def collect(groups, projections: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        reps = {g[0]: lin[g[0]] for g in groups}
+        if projections:
+            stats, _ = moe.accumulate_expert_hessians(layer, spec.moe, x, kwargs, device, dtype, name=f"layer {i}",
+                                                      projections=projections, dense=reps, keep=False)
+            report.update({n: moe.expert_report(stats, n) for n, r in stats.rule.items() if r != "dense"})
+            h = stats.hessians
+        else:
+            h, _ = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, dtype, name=f"layer {i}", keep=False)
+        out = {n: h[g[0]] for g in groups for n in g}
+        out.update({n: t for n, t in h.items() if archmod.is_expert(spec, n)})
+        return out
+
     if true_sequential:
+        cache: dict[str, dict] = {}
+
         def per_group(group):
-            h, _ = layerwise.accumulate_hessians(layer, {group[0]: lin[group[0]]}, x, kwargs, device, dtype,
-                                                 name=f"layer {i}", keep=False)
-            return {n: h[group[0]] for n in group}
+            if not archmod.is_expert(spec, group[0]):
+                return collect([group], ())
+            proj = "down_proj" if group[0].endswith(".down_proj") else "gate_proj"
+            if proj not in cache:
+                cache[proj] = collect([], (proj,))
+            return cache[proj]
+        per_group.report = report
         return per_group
-    h, _ = layerwise.accumulate_hessians(layer, {g[0]: lin[g[0]] for g in spec.groups}, x, kwargs, device, dtype,
-                                         name=f"layer {i}", keep=False)
-    full = {n: h[g[0]] for g in spec.groups for n in g}
-    return lambda group: full
+    full = collect(dense_groups, ("gate_proj", "down_proj") if spec.moe is not None else ())
+
+    def every(group):
+        return full
+    every.report = report
+    return every
 
 
 def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, missing: list[int],
@@ -226,9 +257,12 @@ def _independent(net: LayerwiseModel, calib_dir: Path, run: RunDir, cfg: Binariz
         task = prog.add_task("binarize", total=len(missing))
         for i in missing:
             full = cal.load_layer_stats(calib_dir, i, net.spec.groups)
+
+            def stored(group, full=full):
+                return full
+            stored.report = cal.load_expert_report(calib_dir, i, net.spec.groups)   # MoE: tokens, rule per expert
             layer = net.load_layer(i, device)
-            results, rows, methods = _binarize_layer(i, layer, net.spec, lambda group, full=full: full, cfg, device,
-                                                     prog, task)
+            results, rows, methods = _binarize_layer(i, layer, net.spec, stored, cfg, device, prog, task)
             net.free_layer(i)
             run.write_layer(i, results, rows, methods)
             prog.advance(task)

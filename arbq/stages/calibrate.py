@@ -4,6 +4,10 @@ DIR/samples.safetensors      {"input_ids": [n, seqlen] int64}
 DIR/stats/layer_0007.safetensors  {"<first linear of a shared-input group>": H [K, K] float32},
                              H = (2/n) Σ xᵀx over the n calibration tokens, from a full-precision
                              forward through layers 0..i-1; metadata "arbq" = {"layer": 7, "groups": [...]}
+                             Mixture-of-experts layers: an expert's H is over the tokens routed to it
+                             (arbq.models.moe; gate/up under its gate_proj, down under its down_proj) and
+                             the metadata adds "experts": {group's first linear: {"expert", "tokens",
+                             "hessian"}} for the report
 DIR/manifest.json            params (model, data, seed, sizes, hessian_dtype), model identity (resolved
                              path or hub id, revision, weight-file sizes), how it ran (device, activation
                              offload, lazy loading), library versions, sha256 of every file (recorded as
@@ -37,7 +41,7 @@ from arbq.fileio import (
     write_json,
 )
 from arbq.models import arch as archmod
-from arbq.models import layerwise
+from arbq.models import layerwise, moe
 from arbq.models.activations import check_offload, scratch
 from arbq.models.lazy import open_layerwise
 from arbq.models.loading import ModelRef, check_device, load_config, load_tokenizer, max_context, resolve
@@ -114,6 +118,13 @@ def load_layer_stats(calib: Path, i: int, groups: tuple[tuple[str, ...], ...],
     return {name: t[g[0]] for g in groups for name in g}
 
 
+def load_expert_report(calib: Path, i: int, groups: tuple[tuple[str, ...], ...]) -> dict[str, dict]:
+    """{expert linear: {"expert", "tokens", "hessian"}} of layer i's stored statistics (empty for a model
+    without experts); read from the statistics file's header, after `load_layer_stats` checked it."""
+    experts = (read_info(stats_path(Path(calib), i)) or {}).get("experts") or {}
+    return {name: experts[g[0]] for g in groups if g[0] in experts for name in g}
+
+
 def model_identity(ref: ModelRef, config=None) -> dict:
     """What identifies the weights: resolved path or hub id, hub revision (commit) when known, and the
     size of every weight file (a checkpoint replaced in place is noticed without hashing gigabytes)."""
@@ -164,7 +175,7 @@ def run_calibrate(model: str, out: Path, data: str = "wikitext2", nsamples: int 
     check_offload(offload)
     hdtype = layerwise.hessian_dtype(hessian_dtype)
     config = load_config(ref)
-    spec = archmod.arch_for(config.model_type)
+    spec = archmod.arch_for(config.model_type, config)
     params = {"model": str(ref), "data": data, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
               "stats": stats, "hessian_dtype": hessian_dtype}
     identity = model_identity(ref, config)
@@ -269,11 +280,19 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
                 layerwise.forward_layer(layer, x, kwargs, device, f"layer {i}", out=y, keep=y is not None)
             else:
                 lin = archmod.layer_linears(layer, spec)
-                reps = {g[0]: lin[g[0]] for g in spec.groups}
-                hess, _ = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, hdtype, f"layer {i}", out=y,
-                                                        keep=y is not None)
+                reps = {g[0]: lin[g[0]] for g in spec.groups if not archmod.is_expert(spec, g[0])}
+                info: dict[str, Any] = {"layer": i, "groups": spec.groups}
+                if spec.moe is None:
+                    hess, _ = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, hdtype, f"layer {i}",
+                                                            out=y, keep=y is not None)
+                else:                     # experts: from the tokens routed to each, in the same pass
+                    st, _ = moe.accumulate_expert_hessians(layer, spec.moe, x, kwargs, device, hdtype, f"layer {i}",
+                                                           dense=reps, out=y, keep=y is not None)
+                    hess = {g[0]: st.hessians[g[0]] for g in spec.groups}
+                    info["experts"] = {g[0]: moe.expert_report(st, g[0]) for g in spec.groups
+                                       if archmod.is_expert(spec, g[0])}
                 if i not in done:
-                    save_tensors(stats_path(out, i), hess, info={"layer": i, "groups": spec.groups})
+                    save_tensors(stats_path(out, i), hess, info=info)
                     record(i)
             net.free_layer(i)
             x.close()

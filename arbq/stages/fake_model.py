@@ -17,7 +17,7 @@ import torch
 
 from arbq.fileio import copy_tensors, fsync_tree, writing
 from arbq.models import arch as archmod
-from arbq.models.lazy import INDEX, LazyModel
+from arbq.models.lazy import INDEX, Fused, LazyModel
 from arbq.models.loading import ModelRef, load_model, load_tokenizer
 from arbq.stages.run_dir import RunDir
 
@@ -28,7 +28,7 @@ def write_fake_model(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, net: La
     tmp = run.fake_dir.with_name(run.fake_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if net is None:
+        if net is None or _checkpoint_keys(net) is None:
             _save_eager(ref, run, spec, tmp)
         else:
             _save_streamed(net, run, tmp)
@@ -51,11 +51,30 @@ def _save_eager(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, tmp: Path) -
         model.save_pretrained(str(tmp))
 
 
+def _checkpoint_keys(net: LazyModel) -> dict[str, tuple[int, str]] | None:
+    """Checkpoint key → (layer, linear) of every binarizable weight. An expert projection's is its own
+    per-expert tensor, one source of the fused parameter (`lazy.Fused`: gate_up_proj's keys[e] = (gate, up),
+    down_proj's keys[e] = (down,)); None when a fused parameter is stored fused (then written eagerly)."""
+    spec = net.spec
+    out = {}
+    for i in range(len(net)):
+        prefix = f"{spec.layers}.{i}"
+        for name in spec.linears:
+            if not archmod.is_expert(spec, name):
+                out[net.keymap[f"{prefix}.{name}.weight"]] = (i, name)
+                continue
+            e, proj = name[len(spec.moe.experts) + 1:].split(".")
+            src = net.keymap[f"{prefix}.{spec.moe.experts}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"]
+            if not isinstance(src, Fused):
+                return None
+            out[src.keys[int(e)][1 if proj == "up_proj" else 0]] = (i, name)
+    return out
+
+
 def _save_streamed(net: LazyModel, run: RunDir, tmp: Path) -> None:
     spec = net.spec
     linears = list(spec.linears)
-    binarized = {net.keymap[f"{spec.layers}.{i}.{name}.weight"]: (i, name)
-                 for i in range(len(net)) for name in linears}
+    binarized = _checkpoint_keys(net)
     cache: dict[int, dict] = {}
 
     def dequantized(i: int, name: str, dtype: torch.dtype) -> torch.Tensor | None:

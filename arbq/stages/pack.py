@@ -36,6 +36,7 @@ from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import get_method
 from arbq.models.arch import decoder_layers
 from arbq.models.loading import load_model, load_tokenizer, resolve
+from arbq.models.moe import unfuse_experts
 from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of
 from arbq.packed.layouts import layout_of
 from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, expected_tensors
@@ -159,6 +160,8 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
     blocks = decoder_layers(model, spec)
     if len(blocks) != info["num_layers"]:
         raise ArbqError(f"run has {info['num_layers']} layers but {ref} has {len(blocks)}")
+    if spec.moe is not None:     # fused experts → one linear per expert projection, packed (and loaded) as such
+        unfuse_experts(blocks, spec.moe)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
