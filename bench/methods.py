@@ -45,7 +45,7 @@ FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters",
          "percdamp": "--percdamp", "split_error": "--split-error", "search_on": "--search-on",
          "split_quantiles": "--split-quantiles",
          "salient": "--salient", "sequential": ("--sequential", "--no-sequential"), "bits": "--bits",
-         "group": "--group",
+         "group": "--group", "act_order": ("--act-order", "--no-act-order"),
          "true_sequential": ("--true-sequential", "--no-true-sequential")}
 
 

@@ -148,3 +148,23 @@ def test_cli_bad_inputs(tmp_path, tiny_llama_dir, botchan, arbq_cli):
     bad = tmp_path / "r2" / "layers" / "layer_0000.safetensors"
     bad.write_bytes(bad.read_bytes()[:100])
     one_line_error(cli("pack", tmp_path / "r2", "-o", tmp_path / "p"), "layer")
+
+
+def test_resume_rewrites_model_fake_after_redoing_a_layer_and_accepts_older_recipes(tmp_path, tiny_llama_dir,
+                                                                                      botchan):
+    """A layer deleted (or found corrupt) and redone by --resume gets a new model-fake; a run.json written
+    before a recipe key existed resumes with that key's default."""
+    import json
+
+    cfg = BinarizeConfig(method="sign", blocksize=32)
+    run_binarize(str(tiny_llama_dir), tmp_path / "run", cfg, data=str(botchan), **CAL)
+    run = RunDir(tmp_path / "run")
+    stamp = (run.fake_dir / "config.json").stat().st_mtime_ns
+    info = json.loads(run.run_json.read_text())
+    del info["recipe"]["act_order"]                       # as written by an arbq without that key
+    run.run_json.write_text(json.dumps(info))
+    run.layer_path(1).unlink()
+    time.sleep(0.01)
+    run_binarize(str(tiny_llama_dir), tmp_path / "run", cfg, data=str(botchan), resume=True, **CAL)
+    assert run.layer_complete(1) and (run.fake_dir / "config.json").stat().st_mtime_ns != stamp
+    assert not list(tmp_path.glob("run/model-fake.*"))

@@ -20,25 +20,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from make_golden import synthetic_problem  # noqa: E402
 
 
-def slow_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, percdamp: float = 0.01):
-    """Column by column, every later column updated at once (no lazy batches), group parameters from the
-    fully compensated weights at the group's first column: the textbook algorithm, written plainly."""
+def slow_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, act_order: bool, percdamp: float = 0.01):
+    """Column by column, every later column updated at once (no lazy batches), written plainly. Without
+    act_order: left to right, group parameters from the fully compensated weights at the group's first
+    column (the textbook algorithm). With act_order: columns by decreasing H_jj, every group's parameters
+    from the original weights first."""
     W = W.clone().double()
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    U = inverse_cholesky(H, percdamp)[0].double()
     N, K = W.shape
-    Q = torch.zeros_like(W)
-    for j in range(K):
-        if j % group == 0:
-            s, z = group_params(W[:, j:j + group].float(), bits, "fp16")
-            s, z = s.double(), z.double()
-        q = torch.clamp(torch.round(W[:, j] / s) + z, 0, 2**bits - 1)
+    order = sorted(range(K), key=lambda j: -float(H[j, j])) if act_order else list(range(K))
+    fixed = {j // group: group_params(W[:, j // group * group:(j // group + 1) * group].float(), bits, "fp16")
+             for j in range(K)} if act_order else {}
+    Hp = H[order][:, order]
+    U = inverse_cholesky(Hp, percdamp)[0].double()
+    Wp, Q = W[:, order].clone(), torch.zeros_like(W)
+    params = dict(fixed)
+    for p, j in enumerate(order):
+        if not act_order and j % group == 0:
+            params[j // group] = group_params(Wp[:, p:p + group].float(), bits, "fp16")
+        s, z = (v.double() for v in params[j // group])
+        q = torch.clamp(torch.round(Wp[:, p] / s) + z, 0, 2**bits - 1)
         Q[:, j] = s * (q - z)
-        err = (W[:, j] - Q[:, j]) / U[j, j]
-        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+        err = (Wp[:, p] - Q[:, j]) / U[p, p]
+        Wp[:, p:] -= err[:, None] * U[p, p:][None, :]
     return Q.float()
 
 
@@ -52,12 +59,13 @@ def problem():
     return synthetic_problem()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_equals_the_slow_reference(problem, bits):
+def test_gptq_equals_the_slow_reference(problem, bits, act_order):
     W, H = problem
-    cfg = BinarizeConfig(method="gptq", bits=bits, group=32, blocksize=64).checked()
+    cfg = BinarizeConfig(method="gptq", bits=bits, group=32, blocksize=64, act_order=act_order).checked()
     res, row = get_method("gptq").fit(W, H, cfg, "t")
-    ref = slow_gptq(W, H, bits, 32)
+    ref = slow_gptq(W, H, bits, 32, act_order)
     got = res.dequantize()
     assert (got - ref).abs().max() <= 1e-5 * W.abs().max() or \
         (got != ref).float().mean() < 0.002    # a rare code flips on a rounding tie of the float sums

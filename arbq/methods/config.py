@@ -45,6 +45,8 @@ class BinarizeConfig:
     scale_dtype:   scales and means are rounded to this dtype (fp16 | bf16 | fp32) as each block is
                    fitted, so the error compensation, model-fake and `arbq pack` all see the stored values
     bits, group:   uniform methods (gptq): bits per code, columns per scale/zero group
+    act_order:     gptq: process columns by decreasing H_jj with group parameters fixed beforehand
+                   (llm-compressor's default "static" ordering); False = left to right, as GPTQ's reference
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -72,6 +74,7 @@ class BinarizeConfig:
     scale_dtype: str = "fp16"
     bits: int = 4
     group: int = 128
+    act_order: bool = True
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()

@@ -2,14 +2,16 @@
 GPTQ's error compensation (Frantar et al. 2023) — the baseline a binarizer must beat at equal honest bits.
 
 For W: [N, K], H = (2/n) Σ xᵀx: [K, K] and U the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹
-(arbq.methods.gptq.inverse_cholesky; dead inputs zeroed first), columns are processed in order, in
-lazy batches of `blocksize`:
+(arbq.methods.gptq.inverse_cholesky; dead inputs zeroed first), columns are processed in lazy batches of
+`blocksize`, in the order of decreasing H_jj with `act_order` (the default, as llm-compressor's "static"
+activation ordering: groups stay runs of G consecutive columns, so nothing extra is stored), else left to right:
 
-  at the first column of each group t: min-max parameters from the group's current (compensated) weights,
-      lo = min(0, min w), hi = max(0, max w), s = (hi − lo)/(2^B − 1) rounded to the scale dtype,
-      z = clamp(round(−lo/s), 0, 2^B − 1)
+  min-max parameters of group t, lo = min(0, min w), hi = max(0, max w), s = (hi − lo)/(2^B − 1) rounded to
+      the scale dtype, z = clamp(round(−lo/s), 0, 2^B − 1): with act_order from the original weights of the
+      group, before any column is processed; without, at the group's first column from its current
+      (error-compensated) weights, as the GPTQ reference code does
   per column j:  q_j = clamp(round(w_j/s) + z, 0, 2^B − 1),  ŵ_j = s·(q_j − z)
-                 e = (w_j − ŵ_j)/U_jj,  W[:, j+1:] −= e·U[j, j+1:]
+                 e = (w_j − ŵ_j)/U_jj,  W[:, later] −= e·U[j, later]   (U of H in processing order)
 
 Results are arbq.packed.uniform.UniformResult (codes, scales, zero points), packed in the "uniform" layout.
 """
@@ -50,24 +52,42 @@ def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor
     return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
-def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, scale_dtype: str) -> UniformResult:
-    """The GPTQ loop of the module docstring on W: [N, K] (modified in place) with U: [K, K]."""
+def static_params(W: Tensor, bits: int, group: int, scale_dtype: str) -> tuple[Tensor, Tensor]:
+    """(scale, zero) [N, G] of every group of W: [N, K] from its weights as they are."""
+    pairs = [group_params(W[:, t:t + group], bits, scale_dtype) for t in range(0, W.shape[1], group)]
+    return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
+
+
+def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, scale_dtype: str,
+                 perm: Tensor | None = None) -> UniformResult:
+    """The GPTQ loop of the module docstring on W: [N, K] (columns in processing order, modified in place)
+    with U: [K, K] of H in that order. perm: processing position -> original column (act_order), whose
+    groups' parameters are then fixed from W before the loop; None = left to right, parameters from the
+    compensated weights at each group's first column. Codes, scales and zeros come back in original order."""
     N, K = W.shape
-    G = -(-K // group)
-    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
-    scale, zero = torch.zeros(N, G, device=W.device), torch.zeros(N, G, device=W.device)
+    dev = W.device
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=dev)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        scale, zero = static_params(W[:, inv], bits, group, scale_dtype)
+        gidx = perm // group
+    else:
+        G = -(-K // group)
+        scale, zero = torch.zeros(N, G, device=dev), torch.zeros(N, G, device=dev)
+        gidx = torch.arange(K, device=dev) // group
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
-        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1, device=W.device)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1, device=dev)
         Uin = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if j % group == 0:   # the group's current weights: this block's compensated part, then the rest
+            t = int(gidx[j])
+            if perm is None and j % group == 0:   # the group's current weights: this block's part, then the rest
                 g_end = min(j + group, K)
                 cur = torch.cat([W1[:, i:min(g_end, i2) - i1], W[:, i2:g_end]], 1) if g_end > i2 else \
                     W1[:, i:g_end - i1]
-                scale[:, j // group], zero[:, j // group] = group_params(cur, bits, scale_dtype)
-            s, z = scale[:, j // group], zero[:, j // group]
+                scale[:, t], zero[:, t] = group_params(cur, bits, scale_dtype)
+            s, z = scale[:, t], zero[:, t]
             w = W1[:, i]
             q = quantize_column(w, s, z, bits)
             codes[:, j] = q.to(torch.uint8)
@@ -75,6 +95,8 @@ def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, sc
             W1[:, i:] -= err[:, None] * Uin[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
     return UniformResult(codes, scale, zero.to(torch.uint8), bits, group)
 
 
@@ -94,8 +116,11 @@ def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str = "linear") 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    U, lam = inverse_cholesky(H, cfg.percdamp)
-    res = gptq_uniform(W, U, cfg.bits, cfg.group, cfg.blocksize, cfg.scale_dtype)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
+    Hp = H[perm][:, perm] if perm is not None else H
+    U, lam = inverse_cholesky(Hp, cfg.percdamp)
+    res = gptq_uniform(W[:, perm] if perm is not None else W, U, cfg.bits, cfg.group, cfg.blocksize,
+                       cfg.scale_dtype, perm)
     row = error_row(W0, res.dequantize(), H, name, cfg, lam)
     row.update(bits=cfg.bits, group=cfg.group, seconds=round(time.perf_counter() - t0, 4))
     return res, row
@@ -111,4 +136,5 @@ def _check(cfg: BinarizeConfig) -> None:
 RECORD = MethodRecord(
     name="gptq", summary="GPTQ baseline: asymmetric uniform --bits per --group columns, error compensation",
     fit=fit, layout="uniform", layout_params=lambda cfg: {"bits": cfg.bits, "group": cfg.group},
-    result_type=UniformResult, keys=("bits", "group", "blocksize", "percdamp", "scale_dtype"), check=_check)
+    result_type=UniformResult, keys=("bits", "group", "act_order", "blocksize", "percdamp", "scale_dtype"),
+    check=_check)

@@ -80,6 +80,11 @@ def _hessian_dtype(cfg: BinarizeConfig, flag: str | None, manifest: dict, calib_
 def _check_run(run: RunDir, info: dict, resume: bool) -> None:
     if run.run_json.is_file():
         old = {"hessian_dtype": "float32", **run.info()}
+        if isinstance(old.get("recipe"), dict):   # a run made before a recipe key was added has its default
+            try:
+                old["recipe"] = BinarizeConfig.from_dict(old["recipe"]).to_dict()
+            except ArbqError:
+                pass
         if not resume:
             raise ArbqError(f"{run.root} already holds a run; pass --resume to continue it or choose a new -o")
         for key in ("model", "recipe", "calib", "hessian_dtype"):
@@ -143,7 +148,9 @@ def _run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None
         else:
             _independent(net, calib_dir, run, cfg, missing, device)
     rows = run.rebuild_report(len(net))
-    if all(run.layer_complete(i) for i in range(len(net))) and not (run.fake_dir / "config.json").is_file():
+    # model-fake is (re)written when the last layer is done and whenever this call binarized a layer
+    done = all(run.layer_complete(i) for i in range(len(net)))
+    if done and (missing or not (run.fake_dir / "config.json").is_file()):
         write_fake_model(ref, run, spec, net=net if net.lazy else None)
     console.print(f"done in {time.perf_counter() - t_start:.1f} s → {run.root}")
     return rows

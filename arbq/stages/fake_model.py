@@ -35,7 +35,11 @@ def write_fake_model(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, net: La
         with writing(tmp):
             load_tokenizer(ref).save_pretrained(str(tmp))
         fsync_tree(tmp)
+        old = run.fake_dir.with_name(run.fake_dir.name + f".old-{os.getpid()}")
+        if run.fake_dir.exists():   # layers were redone: the new model-fake replaces the old one whole
+            os.replace(run.fake_dir, old)
         os.replace(tmp, run.fake_dir)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
