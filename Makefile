@@ -22,9 +22,13 @@ fixtures: install
 lint: install
 	$(PYTHON) -m ruff check arbq tests bench scripts
 
-# ARBQ_REQUIRE_FIXTURES: a test whose fixture is missing fails (naming `make fixtures`) instead of skipping
+# ARBQ_REQUIRE_FIXTURES: a test whose fixture is missing fails (naming `make fixtures`) instead of skipping.
+# TEST_WORKERS pytest-xdist processes, one torch thread each (two torch processes with default threads on
+# two cores slow each other down many times); whole files stay on one worker. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install fixtures lint
-	ARBQ_REQUIRE_FIXTURES=1 $(PYTHON) -m pytest -q -ra --durations=15 tests
+	ARBQ_REQUIRE_FIXTURES=1 $(if $(XDIST),OMP_NUM_THREADS=1) $(PYTHON) -m pytest -q -ra --durations=15 $(XDIST) tests
 
 # everything but the end-to-end runs on the real model; the tiny models still need the fixture tokenizer
 test-fast: install fixtures lint
