@@ -106,3 +106,10 @@ def arbq_cli(monkeypatch, capsys):
 def tiny_llama_dir(tmp_path):
     """A saved tiny random Llama (2 layers, hidden 64) with the fixture's tokenizer."""
     return save_tiny(tmp_path / "tiny-llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with real-model (`fixture`) tests first, each file kept whole: under `make test`'s two xdist
+    workers one starts the long end-to-end file at once while the other works through the rest."""
+    slow = {item.path for item in items if item.get_closest_marker("fixture")}
+    items.sort(key=lambda item: item.path not in slow)
