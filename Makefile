@@ -23,12 +23,19 @@ lint: install
 	$(PYTHON) -m ruff check arbq tests bench scripts
 
 # ARBQ_REQUIRE_FIXTURES: a test whose fixture is missing fails (naming `make fixtures`) instead of skipping.
-# TEST_WORKERS pytest-xdist processes, one torch thread each (two torch processes with default threads on
-# two cores slow each other down many times); whole files stay on one worker. TEST_WORKERS=0: one process.
+# The tiny-model tests run in TEST_WORKERS pytest-xdist processes of one torch thread each (two torch processes
+# with default threads on two cores slow each other down many times; whole files stay on one worker); the
+# real-model (`fixture`) tests then run in one process with every thread: one thread each made them the long
+# pole. TEST_WORKERS=0: everything in one process.
 TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST = ARBQ_REQUIRE_FIXTURES=1 $(PYTHON) -m pytest -q -ra --durations=10
 test: install fixtures lint
-	ARBQ_REQUIRE_FIXTURES=1 $(if $(XDIST),OMP_NUM_THREADS=1) $(PYTHON) -m pytest -q -ra --durations=15 $(XDIST) tests
+ifeq ($(TEST_WORKERS),0)
+	$(PYTEST) tests
+else
+	OMP_NUM_THREADS=1 $(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not fixture" tests
+	$(PYTEST) -m fixture tests
+endif
 
 # everything but the end-to-end runs on the real model; the tiny models still need the fixture tokenizer
 test-fast: install fixtures lint
