@@ -157,7 +157,7 @@ class BinarizeConfig:
         for o in self.overrides:
             if any(target_matches(t, name) for t in o["targets"]):
                 out = out.with_override(o)
-        return out if out is self else BinarizeConfig(**{**asdict(out), "overrides": (), "ignore": ()})
+        return out   # with_override already dropped overrides and ignore
 
     def label(self) -> str:
         """e.g. rc+cgb, gptq-3b-g64: how reports name the method of a module."""

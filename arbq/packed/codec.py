@@ -51,15 +51,20 @@ def decode_scales(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return x * scale.float() if scale is not None else x
 
 
-def validate_packed(p: PackedLinear, name: str = "linear") -> None:
-    """Raise ArbqError unless the tensors have the spec's shapes, bit planes are uint8, and the salient
-    bitmap marks exactly n_salient columns (the kernels index compacted planes by it). Scales may have
-    been cast to another float dtype (transformers does that); kernels read whatever they hold."""
+def check_shapes(p: PackedLinear, name: str = "linear") -> None:
+    """Raise ArbqError unless every tensor of any layout's spec is present with its shape, uint8 planes as uint8."""
     for key, (shape, dt) in p.spec.tensor_shapes().items():
         t = p.tensors.get(key)
         if t is None or tuple(t.shape) != shape or (dt == torch.uint8 and t.dtype != dt):
             raise ArbqError(f"{name}.{key}: expected {dt} {shape}, got "
                             f"{None if t is None else (t.dtype, tuple(t.shape))}")
+
+
+def validate_packed(p: PackedLinear, name: str = "linear") -> None:
+    """Raise ArbqError unless the tensors have the spec's shapes, bit planes are uint8, and the salient
+    bitmap marks exactly n_salient columns (the kernels index compacted planes by it). Scales may have
+    been cast to another float dtype (transformers does that); kernels read whatever they hold."""
+    check_shapes(p, name)
     if p.spec.scheme.salient:
         n_sal = int(unpack_bits(p["salient"], p.spec.in_features).sum())
         if n_sal != p.spec.n_salient:

@@ -177,12 +177,3 @@ def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
                         decode_scales(p.tensors, "scales")[r0:r1],
                         unpack_codes(p["zeros"][r0:r1], spec.n_groups, spec.bits), spec.bits, spec.group)
     return res.dequantize()
-
-
-def validate(p: PackedLinear, name: str = "linear") -> None:
-    """Raise ArbqError unless every tensor has the spec's shape and the code planes are uint8."""
-    for key, (shape, dt) in p.spec.tensor_shapes().items():
-        t = p.tensors.get(key)
-        if t is None or tuple(t.shape) != shape or (dt == torch.uint8 and t.dtype != dt):
-            raise ArbqError(f"{name}.{key}: expected {dt} {shape}, got "
-                            f"{None if t is None else (t.dtype, tuple(t.shape))}")
