@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_YAML = REPO / "arbq" / "recipes" / "tasks" / "botchan_cloze.yaml"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
-# Measured on the fixture (SmolLM2-135M, float32, CPU): botchan.txt, seqlen 2048, all 34 windows
-# (386 s and 580 s wall on a shared 2-core machine, ~360 s of CPU time).
-BOTCHAN_PPL_2048 = 29.794077105076585
-# The same, first window only (max_windows=1); 2 windows: 28.55170112534527.
+# Measured on the fixture (SmolLM2-135M, float32, CPU): botchan.txt, seqlen 2048, first window only
+# (max_windows=1); 2 windows: 28.55170112534527; all 34 windows: 29.794077105076585 (≈ 360 s of CPU time,
+# not a test: the held-out split's six windows are pinned in test_fixture_e2e.py, and the window protocol is
+# checked against a slow reference on tiny models above).
 BOTCHAN_PPL_2048_W1 = 28.056789746955488
 
 
@@ -209,17 +208,6 @@ def test_fixture_ppl_botchan_first_windows(real_model_dir, botchan):
     row = eval_perplexity(net, tok, str(botchan), seqlen=2048, max_windows=1)
     assert (row["windows"], row["tokens"], row["text_tokens"]) == (1, 2048, 70191)
     assert row["ppl"] == pytest.approx(BOTCHAN_PPL_2048_W1, rel=1e-4)
-
-
-@pytest.mark.fixture
-def test_fixture_ppl_botchan_all_windows(real_model_dir, botchan):
-    net, tok = load_for_eval(str(real_model_dir))
-    t0 = time.perf_counter()
-    row = eval_perplexity(net, tok, str(botchan), seqlen=2048, max_windows=None)
-    print(f"botchan@2048: ppl {row['ppl']!r}, {row['windows']} windows, {time.perf_counter() - t0:.0f} s")
-    assert row["windows"] == 34
-    assert row["ppl"] == pytest.approx(29.79, rel=0.01)
-    assert row["ppl"] == pytest.approx(BOTCHAN_PPL_2048, rel=1e-4)
 
 
 @pytest.mark.fixture
