@@ -42,8 +42,9 @@ class BinaryMethod:
 
     def scheme_params(self, cfg: BinarizeConfig) -> dict:
         """The packed scheme this strategy's results fit (arbq.packed.format.Scheme) and the blocksize."""
-        return {"rc": not self.mean_form, "salient": self.search, "group": self.search,
-                "cgb": bool(cfg.cgb) and self.search, "blocksize": cfg.blocksize}
+        salient = self.search and cfg.max_salient > 0
+        return {"rc": not self.mean_form, "salient": salient, "group": self.search and cfg.group_split,
+                "cgb": bool(cfg.cgb) and salient, "blocksize": cfg.blocksize}
 
 
 STRATEGIES: dict[str, BinaryMethod] = {
@@ -76,5 +77,5 @@ def _record(strategy: BinaryMethod) -> MethodRecord:
 
 # recipe keys these methods read (others are refused in a per-module override for them)
 BINARY_KEYS = ("cgb", "iters", "x_iters", "search_iters", "search_fit", "split_error", "blocksize", "percdamp",
-               "salient", "max_salient", "split_points", "search_on", "split_quantiles", "scale_dtype")
+               "salient", "max_salient", "group_split", "split_points", "search_on", "split_quantiles", "scale_dtype")
 RECORDS = [_record(s) for s in STRATEGIES.values()]

@@ -84,6 +84,8 @@ def choose_masks(W: Tensor, d: Tensor | None, S: Tensor | None, method: Method, 
     T = mk.salience_matrix(W, d, cfg.salient) if cfg.search_on == "salience" else W
     salient = mk.search_salient(T, mk.column_scores(W, d, cfg.salient), cfg.max_salient, scorer)
     sal = salient[None, :].expand(N, C)
+    if not cfg.group_split:
+        return salient, torch.zeros(N, C, dtype=torch.bool)
     ps = split_thresholds(T, ~salient, cfg.split_points, cfg.split_quantiles == "with_zeros")
     group = split_scorer.split(T, ~salient, lambda: fit_on_columns(method.fit2, T, sal, cfg.iters).w_hat, 1, ps)
     if cfg.cgb and salient.any():

@@ -36,7 +36,11 @@ class BinarizeConfig:
     blocksize:     columns per block of the GPTQ-style loop (paper: 128)
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
-    max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49)
+    max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49); 0 = no salient
+                   columns, and the packed layout stores no second sign, bitmap or salient scales
+    group_split:   split the non-salient columns by magnitude into two groups with their own scales (a group
+                   bit per weight, BiLLM's bell-shaped split); false = one group and no group-bit plane
+                   (needs cgb false)
     split_points:  number of quantile thresholds tried for each magnitude split (paper: 81, 10%…90%)
     search_on:     "weight": search masks with errors measured on W (arbq); "salience": on the
                    salience-transformed matrix (W²/U_jj² for hessian, W for magnitude), as the reference
@@ -68,6 +72,7 @@ class BinarizeConfig:
     percdamp: float = 0.01
     salient: str = "hessian"
     max_salient: int = 49
+    group_split: bool = True
     split_points: int = 81
     search_on: str = "weight"
     split_quantiles: str = "members"
@@ -106,8 +111,10 @@ class BinarizeConfig:
             raise ArbqError("recipe: blocksize must be a positive multiple of 8")
         if not 0 < self.percdamp < 10:
             raise ArbqError("recipe: percdamp must be in (0, 10)")
-        if self.max_salient < 1 or self.split_points < 1:
-            raise ArbqError("recipe: max_salient and split_points must be >= 1")
+        if self.max_salient < 0 or self.split_points < 1:
+            raise ArbqError("recipe: max_salient must be >= 0 and split_points >= 1")
+        if self.cgb and not self.group_split:
+            raise ArbqError("recipe: cgb needs group_split (the group bits of salient columns live in its plane)")
         rec = get_method(self.method)
         if rec.check:
             rec.check(self)
