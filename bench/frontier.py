@@ -87,3 +87,28 @@ def plot(res: dict, path: Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m bench.frontier RESULTS.json [--png PATH]`: print table 5 and write the plot of a results file
+    (bench/out/results.json, or any file with the same `config`, `quality` and `size` keys)."""
+    import argparse
+    import json
+
+    from rich.console import Console
+
+    p = argparse.ArgumentParser(prog="python -m bench.frontier", description=main.__doc__.split("\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("--png", type=Path, help="plot path (default: RESULTS with -frontier.png)")
+    args = p.parse_args(argv)
+    try:
+        res = json.loads(args.results.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {args.results}: {e}") from None
+    Console().print(frontier_table(res))
+    png = plot(res, args.png or args.results.with_name(args.results.stem + "-frontier.png"))
+    print(f"plot → {png}" if png else "no plot (matplotlib missing or no points)")
+
+
+if __name__ == "__main__":
+    main()

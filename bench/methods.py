@@ -26,6 +26,11 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc": (None, {"method": "rc", "cgb": False}),
     "x+cgb": ("x-cgb", {}),
     "rc+cgb": ("rc-cgb", {}),
+    # storage options below 2.5 honest bits (issue 15): less side information
+    "rc+cgb-b256": ("rc-cgb", {"blocksize": 256}),
+    "rc-nosplit": ("rc-nosplit", {}),
+    "rc-nosplit-b256": ("rc-nosplit", {"blocksize": 256}),
+    "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
     # the k-bit baseline at group 64 (the issue's comparison with llm-compressor's GPTQ at the same setting)
     "gptq-4b": ("gptq-4b-g64", {}),
     "gptq-3b": ("gptq-3b-g64", {}),

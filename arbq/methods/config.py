@@ -51,6 +51,8 @@ class BinarizeConfig:
     bits, group:   uniform methods (gptq): bits per code, columns per scale/zero group
     act_order:     gptq: process columns by decreasing H_jj with group parameters fixed beforehand
                    (llm-compressor's default "static" ordering); False = left to right, as GPTQ's reference
+    keep_columns:  gptq: fraction of each linear's input columns kept in fp16 (the most sensitive by
+                   H_jj·‖W_:,j‖², processed last; OWQ), e.g. 0.005 — 16·f bits per weight more
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -80,6 +82,7 @@ class BinarizeConfig:
     bits: int = 4
     group: int = 128
     act_order: bool = True
+    keep_columns: float = 0.0
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()
@@ -169,7 +172,7 @@ class BinarizeConfig:
     def label(self) -> str:
         """e.g. rc+cgb, gptq-3b-g64: how reports name the method of a module."""
         if self.method == "gptq":
-            return f"gptq-{self.bits}b-g{self.group}"
+            return f"gptq-{self.bits}b-g{self.group}" + (f"-keep{self.keep_columns:g}" if self.keep_columns else "")
         from arbq.methods.registry import get_method
 
         return self.method + ("+cgb" if self.cgb and get_method(self.method).layout_params(self).get("cgb") else "")

@@ -13,7 +13,13 @@ activation ordering: groups stay runs of G consecutive columns, so nothing extra
   per column j:  q_j = clamp(round(w_j/s) + z, 0, 2^B − 1),  ŵ_j = s·(q_j − z)
                  e = (w_j − ŵ_j)/U_jj,  W[:, later] −= e·U[j, later]   (U of H in processing order)
 
-Results are arbq.packed.uniform.UniformResult (codes, scales, zero points), packed in the "uniform" layout.
+With `keep_columns` f > 0, the k = round(f·K) columns of largest sensitivity H_jj·‖W_:,j‖² (OWQ's weak columns)
+are kept in fp16: they are processed last (absorbing every other column's compensation), stored as their
+compensated values rounded to fp16, and left out of the min-max range of their groups, whose parameters are
+then always fixed beforehand (as with act_order).
+
+Results are arbq.packed.uniform.UniformResult (codes, scales, zero points, kept columns), packed in the
+"uniform" layout.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from arbq.methods.block import SCALE_DTYPES
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.gptq import error_row, inverse_cholesky
 from arbq.methods.record import MethodRecord
-from arbq.packed.uniform import BITS, UniformResult
+from arbq.packed.uniform import BITS, KEEP_DTYPE, UniformResult, n_keep
 
 Tensor = torch.Tensor
 
@@ -52,24 +58,33 @@ def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor
     return torch.clamp(torch.round(w / scale) + zero, 0, (1 << bits) - 1)
 
 
-def static_params(W: Tensor, bits: int, group: int, scale_dtype: str) -> tuple[Tensor, Tensor]:
-    """(scale, zero) [N, G] of every group of W: [N, K] from its weights as they are."""
-    pairs = [group_params(W[:, t:t + group], bits, scale_dtype) for t in range(0, W.shape[1], group)]
+def static_params(W: Tensor, bits: int, group: int, scale_dtype: str, kept: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """(scale, zero) [N, G] of every group of W: [N, K] from its weights as they are, over the columns not
+    `kept` ([K] bool; a group with every column kept uses all of them)."""
+    def cols(t: int) -> Tensor:
+        w = W[:, t:t + group]
+        return w if kept is None or bool(kept[t:t + group].all()) else w[:, ~kept[t:t + group]]
+    pairs = [group_params(cols(t), bits, scale_dtype) for t in range(0, W.shape[1], group)]
     return torch.stack([p[0] for p in pairs], 1), torch.stack([p[1] for p in pairs], 1)
 
 
 def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, scale_dtype: str,
-                 perm: Tensor | None = None) -> UniformResult:
+                 perm: Tensor | None = None, keep: int = 0) -> UniformResult:
     """The GPTQ loop of the module docstring on W: [N, K] (columns in processing order, modified in place)
     with U: [K, K] of H in that order. perm: processing position -> original column (act_order), whose
     groups' parameters are then fixed from W before the loop; None = left to right, parameters from the
-    compensated weights at each group's first column. Codes, scales and zeros come back in original order."""
+    compensated weights at each group's first column. keep: the last `keep` processing positions are kept
+    columns (needs perm). Codes, scales and zeros come back in original order."""
     N, K = W.shape
     dev = W.device
     codes = torch.zeros(N, K, dtype=torch.uint8, device=dev)
+    kept_w = torch.zeros(N, keep, device=dev)
     if perm is not None:
         inv = torch.argsort(perm)
-        scale, zero = static_params(W[:, inv], bits, group, scale_dtype)
+        kept = torch.zeros(K, dtype=torch.bool, device=dev)
+        kept[perm[K - keep:]] = True
+        scale, zero = static_params(W[:, inv], bits, group, scale_dtype, kept if keep else None)
         gidx = perm // group
     else:
         G = -(-K // group)
@@ -87,17 +102,24 @@ def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, sc
                 cur = torch.cat([W1[:, i:min(g_end, i2) - i1], W[:, i2:g_end]], 1) if g_end > i2 else \
                     W1[:, i:g_end - i1]
                 scale[:, t], zero[:, t] = group_params(cur, bits, scale_dtype)
-            s, z = scale[:, t], zero[:, t]
             w = W1[:, i]
-            q = quantize_column(w, s, z, bits)
-            codes[:, j] = q.to(torch.uint8)
-            err = (w - s * (q - z)) / Uin[i, i]
+            if j >= K - keep:                     # a kept column: its compensated value, rounded to fp16
+                kept_w[:, j - (K - keep)] = w_hat = w.to(KEEP_DTYPE).float()
+            else:
+                s, z = scale[:, t], zero[:, t]
+                q = quantize_column(w, s, z, bits)
+                codes[:, j] = q.to(torch.uint8)
+                w_hat = s * (q - z)
+            err = (w - w_hat) / Uin[i, i]
             W1[:, i:] -= err[:, None] * Uin[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return UniformResult(codes, scale, zero.to(torch.uint8), bits, group)
+    if not keep:
+        return UniformResult(codes, scale, zero.to(torch.uint8), bits, group)
+    idx, order = torch.sort(perm[K - keep:])
+    return UniformResult(codes, scale, zero.to(torch.uint8), bits, group, idx, kept_w[:, order])
 
 
 def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str = "linear") -> tuple[UniformResult, dict]:
@@ -117,12 +139,20 @@ def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str = "linear") 
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
+    keep = n_keep(cfg.keep_columns, K)
+    if keep:                                   # the most sensitive columns last, in decreasing sensitivity
+        score = torch.diag(H) * (W ** 2).sum(0)
+        last = torch.argsort(score, descending=True, stable=True)[:keep]
+        is_last = torch.zeros(K, dtype=torch.bool)
+        is_last[last] = True
+        base = perm if perm is not None else torch.arange(K)
+        perm = torch.cat([base[~is_last[base]], last])
     Hp = H[perm][:, perm] if perm is not None else H
     U, lam = inverse_cholesky(Hp, cfg.percdamp)
     res = gptq_uniform(W[:, perm] if perm is not None else W, U, cfg.bits, cfg.group, cfg.blocksize,
-                       cfg.scale_dtype, perm)
+                       cfg.scale_dtype, perm, keep)
     row = error_row(W0, res.dequantize(), H, name, cfg, lam)
-    row.update(bits=cfg.bits, group=cfg.group, seconds=round(time.perf_counter() - t0, 4))
+    row.update(bits=cfg.bits, group=cfg.group, kept_columns=keep, seconds=round(time.perf_counter() - t0, 4))
     return res, row
 
 
@@ -131,10 +161,14 @@ def _check(cfg: BinarizeConfig) -> None:
         raise ArbqError(f"gptq: bits must be one of {', '.join(map(str, BITS))}, got {cfg.bits}")
     if cfg.group < 1:
         raise ArbqError(f"gptq: group must be >= 1, got {cfg.group}")
+    if not 0 <= cfg.keep_columns < 0.5:
+        raise ArbqError(f"gptq: keep_columns must be in [0, 0.5), got {cfg.keep_columns}")
 
 
 RECORD = MethodRecord(
     name="gptq", summary="GPTQ baseline: asymmetric uniform --bits per --group columns, error compensation",
-    fit=fit, layout="uniform", layout_params=lambda cfg: {"bits": cfg.bits, "group": cfg.group},
-    result_type=UniformResult, keys=("bits", "group", "act_order", "blocksize", "percdamp", "scale_dtype"),
+    fit=fit, layout="uniform",
+    layout_params=lambda cfg: {"bits": cfg.bits, "group": cfg.group, "keep": cfg.keep_columns},
+    result_type=UniformResult,
+    keys=("bits", "group", "act_order", "keep_columns", "blocksize", "percdamp", "scale_dtype"),
     check=_check)

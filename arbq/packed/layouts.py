@@ -49,7 +49,7 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "binary": Layout("binary", LinearSpec, _pack_binary,
                      lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed),
-    "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, codec.check_shapes),
+    "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
 }
 
 
