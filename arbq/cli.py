@@ -69,6 +69,9 @@ def binarize(
     group: int = typer.Option(None, help="gptq: columns per scale and zero point."),
     act_order: bool = typer.Option(None, "--act-order/--no-act-order",
                                    help="gptq: columns by decreasing Hessian diagonal (default) or left to right."),
+    keep_columns: float = typer.Option(None, help="gptq: fraction of input columns kept in fp16 (OWQ), e.g. 0.005."),
+    nm: str = typer.Option(None, help="pbs2p / stbllm: keep N of every M input columns, e.g. 6:8."),
+    nm_metric: str = typer.Option(None, help="pbs2p / stbllm pruning score: hessian | wanda."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
     search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
@@ -91,8 +94,8 @@ def binarize(
 
     cfg = load_recipe(recipe).replace(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
-        split_error=split_error, bits=bits, group=group, act_order=act_order,
-        blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
+        split_error=split_error, bits=bits, group=group, act_order=act_order, keep_columns=keep_columns,
+        nm=nm, nm_metric=nm_metric, blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
         split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
                  layers=layers, device=device, resume=resume, offload=offload_activations,

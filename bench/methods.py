@@ -31,10 +31,15 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosplit": ("rc-nosplit", {}),
     "rc-nosplit-b256": ("rc-nosplit", {"blocksize": 256}),
     "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
+    # N:M pruning with binarization (issue 14): the stepwise method and the prune-then-binarize baseline
+    **{f"{meth}-{n}of8": (None, {"method": meth, "cgb": True, "nm": f"{n}:8"})
+       for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
     # the k-bit baseline at group 64 (the issue's comparison with llm-compressor's GPTQ at the same setting)
     "gptq-4b": ("gptq-4b-g64", {}),
     "gptq-3b": ("gptq-3b-g64", {}),
     "gptq-2b": ("gptq-2b-g64", {}),
+    "gptq-2b-g128": ("gptq-2b-g64", {"group": 128}),
+    "gptq-2b-g128-keep0.005": ("gptq-2b-g64", {"group": 128, "keep_columns": 0.005}),
 }
 ALL_METHODS = (FP, *METHODS)
 # family -> (default recipe, reference-equivalent recipe, further reference recipes)
@@ -50,7 +55,8 @@ FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters",
          "percdamp": "--percdamp", "split_error": "--split-error", "search_on": "--search-on",
          "split_quantiles": "--split-quantiles",
          "salient": "--salient", "sequential": ("--sequential", "--no-sequential"), "bits": "--bits",
-         "group": "--group", "act_order": ("--act-order", "--no-act-order"),
+         "group": "--group", "keep_columns": "--keep-columns",
+         "nm": "--nm", "nm_metric": "--nm-metric", "act_order": ("--act-order", "--no-act-order"),
          "true_sequential": ("--true-sequential", "--no-true-sequential")}
 
 

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "arbq" / "recipes" / "tasks" / "botchan_cloze.yaml"
 SHAPES = "576x576,192x576,1536x576,576x1536,4096x4096,11008x4096"
 DEFAULTS = {"methods": "fp,sign,billm,arb,x,rc,x+cgb,rc+cgb,rc+cgb-b256,rc-nosplit,rc-nosplit-b256,rc-nosalient,"
-                        "gptq-4b,gptq-3b,gptq-2b", "nsamples": 16, "seqlen": 512,
+                        "pbs2p-6of8,pbs2p-5of8,pbs2p-4of8,stbllm-6of8,stbllm-5of8,stbllm-4of8,"
+                        "gptq-4b,gptq-3b,gptq-2b,gptq-2b-g128,gptq-2b-g128-keep0.005", "nsamples": 16, "seqlen": 512,
             "max_windows": 8,
             "heldout_max_windows": 0, "task_limit": 40, "shapes": SHAPES, "kernel_repeats": 21, "warmup": 5,
             "new_tokens": 32, "decode_repeats": 5, "cold": True}

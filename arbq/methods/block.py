@@ -112,15 +112,16 @@ def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:
 
 
 def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,
-              cfg: BinarizeConfig) -> BlockFit:
+              cfg: BinarizeConfig, keep: Tensor | None = None) -> BlockFit:
     """Fit every non-empty (kind, group) of the block with the method's binarizers (cfg.iters ARB
-    iterations), then cfg.x_iters ARB-X iterations when the method refines against S."""
+    iterations), then cfg.x_iters ARB-X iterations when the method refines against S. keep: [N, C] bool,
+    the entries that survive pruning (None = all); pruned entries belong to no group (ŵ = 0 there)."""
     N, C = W.shape
     sal = salient[None, :].expand(N, C)
     fits: list[tuple[int, int, Tensor, Fit]] = []
     for kind, kmask in ((0, ~sal), (1, sal)):
         for g, gmask in ((0, ~group), (1, group)):
-            m = kmask & gmask
+            m = kmask & gmask if keep is None else kmask & gmask & keep
             if m.any():
                 fn = method.fit2 if kind else method.fit1
                 fits.append((kind, g, m, fit_on_columns(fn, W, m, cfg.iters)))

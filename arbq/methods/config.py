@@ -16,7 +16,8 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore")
 CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
-           "scale_dtype": ("fp16", "bf16", "fp32"), "salient": ("hessian", "magnitude")}
+           "scale_dtype": ("fp16", "bf16", "fp32"), "salient": ("hessian", "magnitude"),
+           "nm_metric": ("hessian", "wanda"), "nm_base": ("rc", "x", "arb", "billm")}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class BinarizeConfig:
                    (llm-compressor's default "static" ordering); False = left to right, as GPTQ's reference
     keep_columns:  gptq: fraction of each linear's input columns kept in fp16 (the most sensitive by
                    H_jj·‖W_:,j‖², processed last; OWQ), e.g. 0.005 — 16·f bits per weight more
+    nm:            pbs2p / stbllm: keep N of every M consecutive input columns of a row ("6:8", "5:8", "4:8", "2:4")
+    nm_metric:     pruning score weight of column j: "hessian" 1/[U_jj]² (OBS) or "wanda" H_jj ∝ ‖X_j‖²
+    nm_base:       the binary strategy of the kept weights (rc | x | arb | billm)
+    nm_stepwise:   pbs2p: prune one more weight per run of M per step, re-fitting in between (SPBO); false =
+                   all at once per block
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -83,6 +89,10 @@ class BinarizeConfig:
     group: int = 128
     act_order: bool = True
     keep_columns: float = 0.0
+    nm: str = "6:8"
+    nm_metric: str = "hessian"
+    nm_base: str = "rc"
+    nm_stepwise: bool = True
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()
@@ -171,11 +181,12 @@ class BinarizeConfig:
 
     def label(self) -> str:
         """e.g. rc+cgb, gptq-3b-g64: how reports name the method of a module."""
-        if self.method == "gptq":
-            return f"gptq-{self.bits}b-g{self.group}" + (f"-keep{self.keep_columns:g}" if self.keep_columns else "")
         from arbq.methods.registry import get_method
 
-        return self.method + ("+cgb" if self.cgb and get_method(self.method).layout_params(self).get("cgb") else "")
+        rec = get_method(self.method)
+        if rec.label:
+            return rec.label(self)
+        return self.method + ("+cgb" if self.cgb and rec.layout_params(self).get("cgb") else "")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

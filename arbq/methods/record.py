@@ -23,7 +23,8 @@ class MethodRecord:
     None, cfg, name) -> (result, report row); layout: packed layout name; layout_params: cfg -> the params
     `Layout.pack` needs; result_type: the class of `fit`'s result; uses_hessian: needs calibration
     statistics; keys: the recipe keys it reads (a per-module override may set only these, plus method);
-    check: extra recipe validation (raises ArbqError)."""
+    check: extra recipe validation (raises ArbqError); label: cfg -> how reports name the method of a module
+    (default: the name, plus "+cgb" when the layout params use CGB)."""
 
     name: str
     summary: str
@@ -34,3 +35,4 @@ class MethodRecord:
     uses_hessian: bool = True
     keys: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
+    label: Callable[[Any], str] | None = None

@@ -8,11 +8,11 @@ kernels (arbq.kernels) are found through the record.
 from __future__ import annotations
 
 from arbq.errors import ArbqError
-from arbq.methods import binary, uniform_gptq
+from arbq.methods import binary, nm, uniform_gptq
 from arbq.methods.record import MethodRecord
 from arbq.packed.format import Scheme
 
-METHODS: dict[str, MethodRecord] = {r.name: r for r in [*binary.RECORDS, uniform_gptq.RECORD]}
+METHODS: dict[str, MethodRecord] = {r.name: r for r in [*binary.RECORDS, uniform_gptq.RECORD, *nm.RECORDS]}
 
 
 def get_method(name: str) -> MethodRecord:

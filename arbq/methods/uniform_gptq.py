@@ -171,4 +171,5 @@ RECORD = MethodRecord(
     layout_params=lambda cfg: {"bits": cfg.bits, "group": cfg.group, "keep": cfg.keep_columns},
     result_type=UniformResult,
     keys=("bits", "group", "act_order", "keep_columns", "blocksize", "percdamp", "scale_dtype"),
-    check=_check)
+    check=_check,
+    label=lambda cfg: f"gptq-{cfg.bits}b-g{cfg.group}" + (f"-keep{cfg.keep_columns:g}" if cfg.keep_columns else ""))

@@ -7,6 +7,7 @@ kernels declare the layouts they run (arbq.kernels), the torch backend runs them
 
     binary   arbq.packed.format / codec: sign planes, group bits, salient columns, row/column scales
     uniform  arbq.packed.uniform: asymmetric k-bit codes per column group (the GPTQ baseline)
+    binary_nm  arbq.packed.nm: N:M-pruned binary weights (PBS²P / STBLLM): the binary tensors plus an occupancy plane
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from arbq.errors import ArbqError
-from arbq.packed import codec, uniform
+from arbq.packed import codec, nm, uniform
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import LinearSpec, Scheme
 
@@ -50,6 +51,7 @@ LAYOUTS: dict[str, Layout] = {
     "binary": Layout("binary", LinearSpec, _pack_binary,
                      lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed),
     "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
+    "binary_nm": Layout("binary_nm", nm.NMSpec, nm.pack, nm.dequantize_rows, nm.validate),
 }
 
 

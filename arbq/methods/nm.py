@@ -1,0 +1,187 @@
+"""N:M semi-structured pruning with binarization: `--method pbs2p` (stepwise, inside the block loop) and
+`--method stbllm` (one-shot pruning first, then binarization) — spec: ../shared/spec/pbs2p.md.
+
+Both keep, in every row and every run of M consecutive input columns, N weights (`nm: "N:M"`), binarize the
+kept ones with the ARB-RC structure (salient columns, magnitude split, CGB as the recipe says; `nm_base`
+picks another binary strategy) and store them in the "binary_nm" layout (arbq.packed.nm).
+
+pbs2p (SPBO, stepwise pruning with binarization optimization), per column block of the GPTQ loop on the
+error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H⁻¹):
+  0. masks (salient columns, group bits) and the dense fit Ŵ⁰ of the block
+  t = 1 … M − N: in each row and run of M columns, prune the kept entry whose removal costs least given the
+     current binarization,  Δ_ij = (w_ij² − (w_ij − ŵ_ij)²) · c_j,  c_j = 1/d_j² ("hessian", OBS's weight of
+     column j) or H_jj ∝ ‖X_j‖² ("wanda"); then re-fit every group on the survivors (ARB iterations)
+  compensation: Err = (W_b − Ŵ)/d with Ŵ = 0 at pruned entries, W[:, later] −= Err·U[b, later]
+  (nm_stepwise false: all M − N entries of a run pruned at once by Δ⁰ — the one-shot ablation)
+
+stbllm (the prune-then-binarize baseline): the N:M mask of the whole W from the same metric on the
+original weights (w_ij² · c_j), pruned weights set to 0 before the loop (so their loss is not compensated,
+as when a pruned checkpoint is binarized), then the binarizer on the survivors inside the same GPTQ loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from arbq.errors import ArbqError
+from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
+from arbq.methods.block import choose_masks, fit_block, round_scales
+from arbq.methods.config import BinarizeConfig
+from arbq.methods.gptq import _assemble, error_row, inverse_cholesky
+from arbq.methods.record import MethodRecord
+from arbq.packed.nm import NMResult
+
+Tensor = torch.Tensor
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+    """"N:M" -> (N, M) with 1 ≤ N < M ≤ 16."""
+    try:
+        n, m = (int(v) for v in str(nm).split(":"))
+    except ValueError:
+        raise ArbqError(f"recipe: nm must look like N:M (e.g. 6:8), got {nm!r}") from None
+    if not 1 <= n < m <= 16:
+        raise ArbqError(f"recipe: nm {nm!r} needs 1 <= N < M <= 16")
+    return n, m
+
+
+def prune_lowest(score: Tensor, keep: Tensor, m: int, per_run: int) -> Tensor:
+    """keep [N, C] with, in every run of m columns of every row, the `per_run` kept entries of lowest score
+    removed (a last partial run of r < m columns keeps at least min(n, r) — callers pass per_run for full
+    runs and the partial run is trimmed to the same count of survivors). score, keep: [N, C] → [N, C]."""
+    N, C = score.shape
+    out = keep.clone()
+    full = C - C % m
+    if full:
+        s = score[:, :full].reshape(N, -1, m).masked_fill(~keep[:, :full].reshape(N, -1, m), float("inf"))
+        idx = torch.argsort(s, dim=-1, stable=True)[..., :per_run]
+        out[:, :full] = out[:, :full].reshape(N, -1, m).scatter(-1, idx, False).reshape(N, full)
+    return out
+
+
+def _trim_tail(score: Tensor, keep: Tensor, n: int, m: int) -> Tensor:
+    """The last partial run (r = C mod m columns) keeps min(n, r) entries: drop the lowest-scoring extras."""
+    r = keep.shape[1] % m
+    extra = r - min(n, r)
+    if not r or not extra:
+        return keep
+    tail = prune_lowest(score[:, -r:], keep[:, -r:], r, extra)
+    return torch.cat([keep[:, :-r], tail], 1)
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """One-shot N:M mask [N, C] keeping the n highest scores of every run of m columns (min(n, r) of a
+    last partial run of r columns)."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    return _trim_tail(score, prune_lowest(score, keep, m, m - n), n, m)
+
+
+def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:
+    """c_j of the module docstring: 1/d_j² (hessian) or H_jj (wanda)."""
+    return 1.0 / (d * d) if metric == "hessian" else hdiag
+
+
+def _strategy(cfg: BinarizeConfig) -> BinaryMethod:
+    return STRATEGIES[cfg.nm_base]
+
+
+def _prepare(W: Tensor, H: Tensor | None, name: str, cfg: BinarizeConfig) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(W with dead inputs zeroed, H with dead diagonal set to 1, U, λ) — the checks of the binary loop."""
+    if H is None:
+        raise ArbqError(f"{name}: method {cfg.method} needs calibration statistics")
+    N, K = W.shape
+    H = H.float().clone()
+    if H.shape != (K, K):
+        raise ArbqError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {N}x{K}")
+    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+        raise ArbqError(f"{name}: weight or Hessian contains NaN/Inf")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W = W.clone()
+    W[:, dead] = 0
+    U, lam = inverse_cholesky(H, cfg.percdamp)
+    return W, H, U, lam
+
+
+def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, stepwise: bool | None,
+                ) -> tuple[NMResult, dict]:
+    """The loop of the module docstring. stepwise None = stbllm (mask first), else pbs2p (adaptive steps
+    when True, one shot per block when False). W0: [N, K], H: [K, K] → (NMResult, report row)."""
+    t0 = time.perf_counter()
+    W0 = W0.detach().float()
+    n, m = parse_nm(cfg.nm)
+    method = _strategy(cfg)
+    W, H, U, lam = _prepare(W0, H, name, cfg)
+    N, K = W.shape
+    d_all, hdiag = torch.diag(U), torch.diag(H)
+    fixed = None
+    if stepwise is None:                                   # stbllm: prune the original weights first
+        fixed = nm_mask(W * W * column_weight(cfg.nm_metric, d_all, hdiag)[None, :], n, m)
+        W = W * fixed
+    B = cfg.blocksize
+    blocks, keeps = [], []
+    for s in range(0, K, B):
+        e = min(s + B, K)
+        Wb, d, S = W[:, s:e], d_all[s:e], H[s:e, s:e]
+        c = column_weight(cfg.nm_metric, d, hdiag[s:e])[None, :]
+        salient, group = choose_masks(Wb, d, S, method, cfg)
+        if fixed is not None:
+            keep = fixed[:, s:e]
+        else:
+            keep = torch.ones_like(Wb, dtype=torch.bool)
+            steps = (m - n) if stepwise else 1
+            for _ in range(steps):
+                w_hat = fit_block(Wb, salient, group, S, method, cfg, keep).w_hat
+                delta = (Wb * Wb - (Wb - w_hat) ** 2) * c
+                keep = prune_lowest(delta, keep, m, 1 if stepwise else m - n)
+            keep = _trim_tail(Wb * Wb * c, keep, n, m)
+        fit = round_scales(fit_block(Wb, salient, group, S, method, cfg, keep), cfg.scale_dtype)
+        fit.w_hat = fit.w_hat * keep
+        blocks.append(fit)
+        keeps.append(keep)
+        err = (Wb - fit.w_hat) / d[None, :]
+        W[:, e:] -= err @ U[s:e, e:]
+        W[:, s:e] = fit.w_hat
+    res = NMResult(_assemble(blocks, B), torch.cat(keeps, 1), n, m)
+    What = res.dequantize()
+    if not torch.isfinite(What).all():
+        raise ArbqError(f"{name}: binarization produced NaN/Inf")
+    row = error_row(W0, What, H, name, cfg, lam)
+    row.update(nm=cfg.nm, kept_frac=float(res.keep.float().mean()), salient_frac=float(res.base.salient.float().mean()),
+               seconds=round(time.perf_counter() - t0, 4))
+    return res, row
+
+
+def _layout_params(cfg: BinarizeConfig) -> dict:
+    n, m = parse_nm(cfg.nm)
+    return _strategy(cfg).scheme_params(cfg) | {"n": n, "m": m}
+
+
+def _check(cfg: BinarizeConfig) -> None:
+    n, m = parse_nm(cfg.nm)
+    if cfg.blocksize % m:
+        raise ArbqError(f"recipe: blocksize {cfg.blocksize} must be a multiple of M = {m} (runs of M columns "
+                        "must not cross a block)")
+
+
+NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise")
+
+
+def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
+    def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, mod: str):
+        return nm_binarize(W, H, cfg, mod, cfg.nm_stepwise if in_loop else None)
+
+    def label(cfg: BinarizeConfig) -> str:
+        return f"{name}-{cfg.nm}" + ("+cgb" if _layout_params(cfg)["cgb"] else "")
+
+    return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
+                        result_type=NMResult, keys=NM_KEYS, check=_check, label=label)
+
+
+RECORDS = [
+    _record("pbs2p", "PBS²P: N:M pruning introduced stepwise inside the block loop, ARB-RC re-fitted on survivors",
+            True),
+    _record("stbllm", "STBLLM-style baseline: one-shot N:M pruning of W first, then ARB-RC on the survivors", False),
+]

@@ -1,0 +1,251 @@
+"""The "binary_nm" packed layout: N:M semi-structured-pruned binarized linears (PBS²P / STBLLM style).
+
+A fit prunes W: [N, K] (N rows = out_features, K columns = in_features) so that every run of m consecutive
+columns [g·m, g·m + m) of a row keeps exactly n weights (a last partial run of r < m columns keeps min(n, r)),
+and binarizes the kept ones with a binary-family scheme (arbq.methods.result.LinearResult, arbq.packed.format).
+With keep[i, j] ∈ {0, 1}:
+
+    Ŵ[i, j] = keep[i, j] · Ŵ_binary[i, j]          (exact zeros at pruned positions)
+
+Packed tensors of one linear: every tensor of the "binary" layout (arbq.packed.format: sign1, group, salient,
+sign2, values, colscale_ns, colscale_sal, *_scale), unchanged, plus
+
+    keep    uint8 [N, ceil(K/8)]   occupancy plane (1 = kept), packed along K, LSB first like the sign planes
+
+Params (`quantization_config.modules[name].params`): the binary layout's plus n and m (1 ≤ n ≤ m ≤ 16).
+
+Honest bits = the binary layout's formula (every plane full: sign, group bit, ...) + nm_positions 8·N·⌈K/8⌉.
+Signs and group bits at pruned positions are stored as the fit left them and counted honestly: this first
+version does not compact them. The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
+
+    this layout (sign plane + occupancy plane)   8 + 8 = 16 bits  → 2.00 b/w for signs + positions, any n
+    bitmap + compacted signs                     8 + n bits       → 1.50 (4:8), 1.625 (5:8), 1.75 (6:8)
+    one joint code of C(8, n)·2^n ≤ 1792 states  11 bits          → 1.375 for every n
+    entropy bound log2 C(8, n) + n               10.13 / 10.81 / 10.81 bits → 1.27 / 1.35 / 1.35 (4:8 / 5:8 / 6:8)
+
+(a compacted group-bit plane would save another (1 − n/m) b/w). Compaction is future work; until then an N:M
+linear stores the dense binary one's bits plus 8·⌈K/8⌉/K ≈ 1 bit/weight for positions. The papers'
+"0.55–0.80 bits" are `paper_bits`: n/m × (sign + residual bits), nothing for positions. Kernels: only the torch
+backend runs this layout (arbq.kernels; the C++ and Triton kernels declare LAYOUTS = ("binary",)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from arbq.errors import ArbqError
+from arbq.methods.result import LinearResult
+from arbq.packed import codec
+from arbq.packed.codec import PackedLinear, check_shapes
+from arbq.packed.format import COMPONENTS, LinearSpec, Scheme, pack_bits, param, unpack_bits
+
+M_MAX = 16
+KEEP = "keep"              # the occupancy plane's suffix
+ROWS = 1024                # rows per tile when checking a whole plane
+
+
+def nm_counts_ok(keep: torch.Tensor, n: int, m: int) -> bool:
+    """True iff keep [..., K] (bool, True = kept) holds exactly n kept entries in every run of m consecutive
+    columns [g·m, g·m + m) of every row, and min(n, r) in a last partial run of r < m columns."""
+    k = keep.shape[-1]
+    full = k - k % m
+    rows = keep.reshape(-1, k)
+    if full and not bool((rows[:, :full].reshape(rows.shape[0], -1, m).sum(-1) == n).all()):
+        return False
+    return full == k or bool((rows[:, full:].sum(-1) == min(n, k - full)).all())
+
+
+def _check_nm(n: Any, m: Any, name: str) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 1 <= n <= m <= M_MAX:
+        raise ArbqError(f"{name}: N:M pattern {n}:{m} invalid (need integers 1 <= n <= m <= {M_MAX})")
+
+
+def _masked(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """w with exact zeros where keep is False."""
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+@dataclass
+class NMResult:
+    """The unpacked form of one N:M-pruned binarized linear W: [N, K] (what `binarize` writes to RUN/layers).
+
+    base: the binarization of the kept entries (its values at pruned positions are arbitrary);
+    keep: [N, K] bool, True = kept, n of every m consecutive columns of a row (see nm_counts_ok); n, m: ints.
+    """
+
+    base: LinearResult
+    keep: torch.Tensor
+    n: int
+    m: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.base.shape
+
+    @property
+    def salient(self) -> torch.Tensor:
+        return self.base.salient
+
+    @property
+    def blocksize(self) -> int:
+        return self.base.blocksize
+
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {**self.base.to_tensors(prefix), f"{prefix}.{KEEP}": self.keep,
+                f"{prefix}.nm": torch.tensor([self.n, self.m], dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> NMResult:
+        base = LinearResult.from_tensors(tensors, prefix)
+        try:
+            nm, keep = tensors[f"{prefix}.nm"], tensors[f"{prefix}.{KEEP}"]
+            if nm.numel() != 2 or nm.dtype.is_floating_point or nm.dtype == torch.bool:
+                raise ValueError(f"{prefix}.nm")
+            n, m = (int(v) for v in nm.reshape(-1).tolist())
+        except (KeyError, ValueError) as e:
+            raise ArbqError(f"N:M result for {prefix} is missing or has a malformed tensor {e}") from None
+        res = cls(base, keep, n, m)
+        res.validate(prefix)
+        return res
+
+    def to(self, device: str | torch.device) -> NMResult:
+        return NMResult(self.base.to(device), self.keep.to(device), self.n, self.m)
+
+    def validate(self, name: str = "linear") -> None:
+        """Raise ArbqError (one line) unless the base is consistent, keep is a bool [N, K] and N:M holds."""
+        self.base.validate(name)
+        _check_nm(self.n, self.m, name)
+        if self.keep.dtype != torch.bool or tuple(self.keep.shape) != self.shape:
+            raise ArbqError(f"{name}: keep is {self.keep.dtype} {tuple(self.keep.shape)}, expected torch.bool "
+                            f"{self.shape}")
+        if not nm_counts_ok(self.keep, self.n, self.m):
+            raise ArbqError(f"{name}: keep mask is not {self.n}:{self.m} (every {self.m} consecutive columns of a "
+                            f"row must keep {self.n})")
+
+    def dequantize(self) -> torch.Tensor:
+        """Ŵ: [N, K] float32 = base.dequantize() · keep, exact zeros at pruned positions."""
+        return _masked(self.base.dequantize(), self.keep)
+
+
+@dataclass(frozen=True)
+class NMSpec:
+    """Shapes and bit counts of one linear in the "binary_nm" layout (the layout protocol, see
+    arbq.packed.layouts): the binary layout's fields (`binary` is that LinearSpec) plus the N:M pattern."""
+
+    layout: ClassVar[str] = "binary_nm"
+    out_features: int
+    in_features: int
+    n_salient: int
+    blocksize: int
+    scheme: Scheme
+    scale_dtype: str
+    n: int
+    m: int
+
+    @classmethod
+    def of(cls, binary: LinearSpec, n: int, m: int) -> NMSpec:
+        return cls(binary.out_features, binary.in_features, binary.n_salient, binary.blocksize, binary.scheme,
+                   binary.scale_dtype, n, m)
+
+    @property
+    def binary(self) -> LinearSpec:
+        """The spec of the binary tensors (every tensor but the occupancy plane)."""
+        return LinearSpec(self.out_features, self.in_features, self.n_salient, self.blocksize, self.scheme,
+                          self.scale_dtype)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.binary.n_blocks
+
+    def to_params(self) -> dict[str, Any]:
+        return {**self.binary.to_params(), "n": self.n, "m": self.m}
+
+    @classmethod
+    def from_params(cls, params: dict, where: str = "binary_nm module") -> NMSpec:
+        """The spec of a `quantization_config.modules` entry's params, every value type- and range-checked."""
+        binary = LinearSpec.from_params(params, where)
+        m = param(params, "m", int, where, lambda v: 1 <= v <= M_MAX, f"1 <= m <= {M_MAX}")
+        n = param(params, "n", int, where, lambda v: 1 <= v <= m, "1 <= n <= m")
+        return cls.of(binary, n, m)
+
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The binary layout's tensors plus the occupancy plane keep uint8 [N, ceil(K/8)]."""
+        return {**self.binary.tensor_shapes(),
+                KEEP: ((self.out_features, -(-self.in_features // 8)), torch.uint8)}
+
+    def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
+        """The binary layout's components (full planes) plus nm_positions 8·N·⌈K/8⌉."""
+        out = self.binary.formula_bits(bias_bits)
+        bias = out.pop("bias")
+        return {**out, "nm_positions": 8 * self.out_features * -(-self.in_features // 8), "bias": bias}
+
+    def paper_bits(self) -> int:
+        """The papers' convention (STBLLM, PBS²P): n/m × (sign + salient residual bits), rounded half up;
+        nothing for the positions."""
+        return (2 * self.n * self.binary.paper_bits() + self.m) // (2 * self.m)
+
+    @staticmethod
+    def component(suffix: str) -> str:
+        return "nm_positions" if suffix == KEEP else COMPONENTS[suffix]
+
+    def describe(self) -> str:
+        return f"layout=binary_nm, n:m={self.n}:{self.m}, " + self.binary.describe().removeprefix("layout=binary, ")
+
+
+def _binary_part(p: PackedLinear) -> PackedLinear:
+    """The binary layout's PackedLinear inside a "binary_nm" one (all tensors but the occupancy plane)."""
+    return PackedLinear(p.spec.binary, {k: t for k, t in p.tensors.items() if k != KEEP})
+
+
+def check_representable(res: NMResult, scheme: Scheme, name: str, rows: int = ROWS) -> None:
+    """Raise ArbqError if the slots `scheme` stores do not reproduce res.dequantize() exactly at the kept
+    positions (codec.check_representable, restricted to them: pruned positions may hold anything)."""
+    packed = codec.pack_linear(res.base, scheme, "fp32")
+    b, n = res.base, res.shape[0]
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        sub = LinearResult(b.sign1[r0:r1], b.sign2[r0:r1], b.group[r0:r1], b.salient, b.alpha[r0:r1],
+                           b.mu[r0:r1], b.col_scale, b.blocksize)
+        keep = res.keep[r0:r1]
+        want = _masked(sub.dequantize(), keep)
+        got = _masked(codec.unpack_rows(packed, r0, r1).dequantize(), keep)
+        tol = 1e-6 * float(want.abs().max()) if want.numel() else 0.0
+        err = float((got - want).abs().max()) if want.numel() else 0.0
+        if not err <= tol:
+            raise ArbqError(f"{name}: the binarization result uses slots that its method's packed format does "
+                            f"not store (max error {err:.3g} at kept positions after packing)")
+
+
+def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") -> PackedLinear:
+    """Pack an NMResult; params {"rc", "salient", "group", "cgb", "blocksize", "n", "m"} from the recipe must
+    match what the fit wrote."""
+    if (params["n"], params["m"]) != (res.n, res.m):
+        raise ArbqError(f"{name}: result is {res.n}:{res.m} sparse, the recipe says {params['n']}:{params['m']}")
+    if res.blocksize != params["blocksize"]:
+        raise ArbqError(f"{name}: result blocksize {res.blocksize} does not match the recipe's {params['blocksize']}")
+    res.validate(name)
+    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    check_representable(res, scheme, name)
+    p = codec.pack_linear(res.base, scheme, scale_dtype)
+    return PackedLinear(NMSpec.of(p.spec, res.n, res.m), {**p.tensors, KEEP: pack_bits(res.keep).contiguous()})
+
+
+def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows, zero where the occupancy plane says pruned."""
+    w = codec.unpack_rows(_binary_part(p), r0, r1).dequantize()
+    return _masked(w, unpack_bits(p[KEEP][r0:r1], p.spec.in_features))
+
+
+def validate(p: PackedLinear, name: str = "linear") -> None:
+    """Shapes and dtypes of every tensor (codec.check_shapes), the binary checks (salient bitmap count) and the
+    N:M pattern of the occupancy plane."""
+    check_shapes(p, name)
+    codec.validate_packed(_binary_part(p), name)
+    spec = p.spec
+    for r0 in range(0, spec.out_features, ROWS):
+        if not nm_counts_ok(unpack_bits(p[KEEP][r0:r0 + ROWS], spec.in_features), spec.n, spec.m):
+            raise ArbqError(f"{name}: the keep plane is not {spec.n}:{spec.m} (every {spec.m} consecutive columns "
+                            f"of a row must keep {spec.n})")
