@@ -33,11 +33,10 @@ def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, wa
     from arbq.methods.registry import scheme_for
     from arbq.packed.binary_linear import BinaryLinear
     from arbq.packed.codec import pack_linear
-    from arbq.packed.format import formula_bits
 
     res = random_result(n, k, method, cgb)
     packed = pack_linear(res, scheme_for(method, cgb), "fp16")
-    bits = sum(formula_bits(packed.spec).values()) / (n * k)
+    bits = sum(packed.spec.formula_bits().values()) / (n * k)
     layer = BinaryLinear.from_packed(packed).to(device)
     w = res.dequantize().to(device)
     wb = w.to(torch.bfloat16)

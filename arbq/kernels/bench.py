@@ -22,7 +22,6 @@ from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
-from arbq.packed.format import formula_bits
 
 
 def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, salient_frac: float = 0.08,
@@ -110,7 +109,7 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
            extra: dict) -> dict:
     res = random_result(n, k, method, cgb, seed=seed)
     packed = pack_linear(res, scheme_for(method, cgb), scale_dtype)
-    bits = sum(formula_bits(packed.spec).values()) / (n * k)
+    bits = sum(packed.spec.formula_bits().values()) / (n * k)
     w = BinaryLinear.from_packed(packed).dequantize()   # the packed weights (scales as stored)
     copies = max(1, math.ceil(llc_bytes / w.numel() / 4)) if cold else 1
     dense = [w.clone() for _ in range(copies)]

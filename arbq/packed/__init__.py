@@ -1,5 +1,5 @@
-"""The packed layouts (layouts.py: "binary" in format.py + codec.py, "uniform" in uniform.py), their runtime
-module (binary_linear.py), the loader (loader.py) and the transformers quantizer (hf_quantizer.py)."""
+"""The packed layouts (layouts.py: "binary" in format.py + codec.py, "uniform" in uniform.py, "binary_nm" in
+nm.py), their runtime module (binary_linear.py), the loader (loader.py) and the transformers quantizer."""
 
 from arbq.packed.format import FORMAT_VERSION, LinearSpec, Scheme
 
