@@ -86,7 +86,7 @@ def report_table(rep: dict) -> Table:
         for k, v in b["by_method"].items():
             t.add_row(f"  {k}: {v['linears']} linears", f"{v['bpw_honest']:.4f}")
     t.add_row("[bold]honest total (every byte written)", f"[bold]{b['bpw_honest']:.4f}")
-    t.add_row("paper convention (code bits; N:M: × n/m, no positions)", f"{b['bpw_paper']:.4f}")
+    t.add_row("paper convention (code bits; pruned layouts: × kept share, no positions)", f"{b['bpw_paper']:.4f}")
     t.add_row("whole model, bits / parameter", f"{m['bits_per_param']:.3f}")
     t.add_row("whole model size vs fp16", f"{m['packed_bytes'] / 2**20:,.1f} MiB vs {m['fp16_bytes'] / 2**20:,.1f} MiB "
                                          f"({m['compression_vs_fp16']:.2f}×)")
