@@ -108,8 +108,14 @@ def tiny_llama_dir(tmp_path):
     return save_tiny(tmp_path / "tiny-llama")
 
 
+# the longest tiny-model files (measured), started first so that two xdist workers end together
+LONG_FILES = ("test_scaling.py", "test_gemma3.py", "test_faults.py", "test_evaluate.py", "test_stages.py",
+              "test_install.py", "test_nm_methods.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with real-model (`fixture`) tests first, each file kept whole: under `make test`'s two xdist
-    workers one starts the long end-to-end file at once while the other works through the rest."""
+    """Files with real-model (`fixture`) tests first, then the longest files, each file kept whole: under
+    `make test`'s two xdist workers the long files start at once and the short ones fill in at the end."""
     slow = {item.path for item in items if item.get_closest_marker("fixture")}
-    items.sort(key=lambda item: item.path not in slow)
+    long = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: (item.path not in slow, long.get(item.path.name, len(long))))
