@@ -1,4 +1,5 @@
-"""Random LinearResults that respect each method's slots, and a synthetic RUN dir, for packing tests."""
+"""Random LinearResults that respect each method's slots, a synthetic RUN dir, for packing tests; one fit on one
+thread (pinned errors are measured that way)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,23 @@ import torch
 
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
+
+
+def fit_one_thread(W: torch.Tensor, H: torch.Tensor, **cfg):
+    """(result, report row, checked BinarizeConfig) of the method's fit of W with H on one torch thread
+    (the order of the float sums, hence the last bits, depends on the thread count)."""
+    from arbq.methods.config import BinarizeConfig
+    from arbq.methods.registry import get_method
+
+    c = BinarizeConfig(**cfg).checked()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res, row = get_method(c.method).fit(W, H, c, "t")
+    finally:
+        torch.set_num_threads(before)
+    return res, row, c
+
 
 # (method, cgb) flavours the format distinguishes
 FLAVOURS = [("sign", False), ("billm", False), ("arb", True), ("x", False), ("x", True), ("rc", False),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packing_utils import fit_one_thread
 
 import arbq
 from arbq.errors import ArbqError
@@ -48,14 +49,8 @@ def problem():
 
 
 def _fit(problem, method: str, **kw):
-    W, H = problem
-    cfg = BinarizeConfig(method=method, blocksize=64, **kw).checked()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return get_method(method).fit(W, H, cfg, "t"), cfg
-    finally:
-        torch.set_num_threads(before)
+    res, row, cfg = fit_one_thread(*problem, method=method, blocksize=64, **kw)
+    return (res, row), cfg
 
 
 @pytest.mark.parametrize("method", ["pbs2p", "stbllm"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packing_utils import fit_one_thread
 
 import arbq
 from arbq.errors import ArbqError
@@ -30,14 +31,7 @@ def problem():
 
 
 def _fit(problem, method: str, **kw):
-    W, H = problem
-    cfg = BinarizeConfig(method=method, blocksize=64, **kw).checked()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res, row = get_method(method).fit(W, H, cfg, "t")
-    finally:
-        torch.set_num_threads(before)
+    res, row, cfg = fit_one_thread(*problem, method=method, blocksize=64, **kw)
     rec = get_method(method)
     return res, row, layout_of(rec.layout).pack(res, rec.layout_params(cfg), "fp16")
 
