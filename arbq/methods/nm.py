@@ -48,9 +48,8 @@ def parse_nm(nm: str) -> tuple[int, int]:
 
 
 def prune_lowest(score: Tensor, keep: Tensor, m: int, per_run: int) -> Tensor:
-    """keep [N, C] with, in every run of m columns of every row, the `per_run` kept entries of lowest score
-    removed (a last partial run of r < m columns keeps at least min(n, r) — callers pass per_run for full
-    runs and the partial run is trimmed to the same count of survivors). score, keep: [N, C] → [N, C]."""
+    """keep [N, C] with, in every full run of m columns of every row, the `per_run` kept entries of lowest
+    score removed (a last partial run is left as it is: `_trim_tail`). score, keep: [N, C] → [N, C]."""
     N, C = score.shape
     out = keep.clone()
     full = C - C % m
