@@ -42,6 +42,28 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tu
     raise ArbqError(f"Hessian is not positive definite even with damping {lam / 10:g}")
 
 
+def prepare_problem(W0: torch.Tensor, H: torch.Tensor | None, name: str, method: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, H) for a loop with Hessian compensation, from W0: [N, K] float32 and H: [K, K]: both checked
+    (present, shapes, finite), H a float32 copy on W0's device, and step 1 of the module docstring applied to
+    the copies (dead inputs: H_jj ← 1, W[:, j] ← 0)."""
+    N, K = W0.shape
+    if H is None:
+        raise ArbqError(f"{name}: method {method} needs calibration statistics")
+    H = H.float().to(W0.device).clone()
+    if H.shape != (K, K):
+        raise ArbqError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {N}x{K}")
+    if not torch.isfinite(W0).all():
+        raise ArbqError(f"{name}: weight contains NaN/Inf")
+    if not torch.isfinite(H).all():
+        raise ArbqError(f"{name}: Hessian contains NaN/Inf (bad calibration activations)")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W = W0.clone()
+    W[:, dead] = 0
+    return W, H
+
+
 def _assemble(blocks: list[BlockFit], blocksize: int) -> LinearResult:
     cat = lambda name, dim: torch.cat([getattr(b, name) for b in blocks], dim)  # noqa: E731
     return LinearResult(
@@ -80,24 +102,16 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         strategy = STRATEGIES[cfg.method]
     method = strategy
     W0 = W.detach().float()
-    if not torch.isfinite(W0).all():
-        raise ArbqError(f"{name}: weight contains NaN/Inf")
     N, K = W0.shape
-    W = W0.clone()
     B = cfg.blocksize
     U, lam = None, 0.0
     if method.uses_hessian:
-        if H is None:
-            raise ArbqError(f"{name}: method {cfg.method} needs calibration statistics")
-        H = H.float().clone()
-        if H.shape != (K, K):
-            raise ArbqError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {N}x{K}")
-        if not torch.isfinite(H).all():
-            raise ArbqError(f"{name}: Hessian contains NaN/Inf (bad calibration activations)")
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        W, H = prepare_problem(W0, H, name, cfg.method)
         U, lam = inverse_cholesky(H, cfg.percdamp)
+    elif not torch.isfinite(W0).all():
+        raise ArbqError(f"{name}: weight contains NaN/Inf")
+    else:
+        W = W0.clone()
     blocks = []
     for s in range(0, K, B):
         e = min(s + B, K)

@@ -29,7 +29,7 @@ from arbq.errors import ArbqError
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import _assemble, error_row, inverse_cholesky
+from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem
 from arbq.methods.record import MethodRecord
 from arbq.packed.nm import NMResult
 
@@ -86,24 +86,6 @@ def _strategy(cfg: BinarizeConfig) -> BinaryMethod:
     return STRATEGIES[cfg.nm_base]
 
 
-def _prepare(W: Tensor, H: Tensor | None, name: str, cfg: BinarizeConfig) -> tuple[Tensor, Tensor, Tensor, float]:
-    """(W with dead inputs zeroed, H with dead diagonal set to 1, U, λ) — the checks of the binary loop."""
-    if H is None:
-        raise ArbqError(f"{name}: method {cfg.method} needs calibration statistics")
-    N, K = W.shape
-    H = H.float().clone()
-    if H.shape != (K, K):
-        raise ArbqError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {N}x{K}")
-    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
-        raise ArbqError(f"{name}: weight or Hessian contains NaN/Inf")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W = W.clone()
-    W[:, dead] = 0
-    U, lam = inverse_cholesky(H, cfg.percdamp)
-    return W, H, U, lam
-
-
 def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, stepwise: bool | None,
                 ) -> tuple[NMResult, dict]:
     """The loop of the module docstring. stepwise None = stbllm (mask first), else pbs2p (adaptive steps
@@ -112,7 +94,8 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
     W0 = W0.detach().float()
     n, m = parse_nm(cfg.nm)
     method = _strategy(cfg)
-    W, H, U, lam = _prepare(W0, H, name, cfg)
+    W, H = prepare_problem(W0, H, name, cfg.method)
+    U, lam = inverse_cholesky(H, cfg.percdamp)
     N, K = W.shape
     d_all, hdiag = torch.diag(U), torch.diag(H)
     fixed = None

@@ -31,7 +31,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.methods.block import SCALE_DTYPES
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import error_row, inverse_cholesky
+from arbq.methods.gptq import error_row, inverse_cholesky, prepare_problem
 from arbq.methods.record import MethodRecord
 from arbq.packed.uniform import BITS, KEEP_DTYPE, UniformResult, n_keep
 
@@ -125,19 +125,9 @@ def gptq_uniform(W: Tensor, U: Tensor, bits: int, group: int, blocksize: int, sc
 def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str = "linear") -> tuple[UniformResult, dict]:
     """Quantize W: [N, K] with H: [K, K]; returns the result and the same report row as the binary methods."""
     t0 = time.perf_counter()
-    if H is None:
-        raise ArbqError(f"{name}: method gptq needs calibration statistics")
     W0 = W.detach().float()
-    N, K = W0.shape
-    H = H.float().to(W0.device).clone()
-    if H.shape != (K, K):
-        raise ArbqError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {N}x{K}")
-    if not (torch.isfinite(W0).all() and torch.isfinite(H).all()):
-        raise ArbqError(f"{name}: weight or Hessian contains NaN/Inf")
-    W = W0.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    K = W0.shape[1]
+    W, H = prepare_problem(W0, H, name, "gptq")
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
     keep = n_keep(cfg.keep_columns, K)
     if keep:                                   # the most sensitive columns last, in decreasing sensitivity
