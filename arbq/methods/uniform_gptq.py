@@ -133,9 +133,9 @@ def fit(W: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str = "linear") 
     if keep:                                   # the most sensitive columns last, in decreasing sensitivity
         score = torch.diag(H) * (W ** 2).sum(0)
         last = torch.argsort(score, descending=True, stable=True)[:keep]
-        is_last = torch.zeros(K, dtype=torch.bool)
+        is_last = torch.zeros(K, dtype=torch.bool, device=W.device)
         is_last[last] = True
-        base = perm if perm is not None else torch.arange(K)
+        base = perm if perm is not None else torch.arange(K, device=W.device)
         perm = torch.cat([base[~is_last[base]], last])
     Hp = H[perm][:, perm] if perm is not None else H
     U, lam = inverse_cholesky(Hp, cfg.percdamp)
