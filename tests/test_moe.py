@@ -181,7 +181,8 @@ def test_unfused_experts_run_like_the_fused_ones(tiny_moe):
 def test_lazy_layers_assemble_the_fused_experts_from_the_checkpoint(tiny_moe):
     """The lazy loader reads one layer's per-expert checkpoint tensors and fuses them as from_pretrained does."""
     from arbq.models.arch import ArchSpec
-    from arbq.models.lazy import Fused, LazyModel, _skeleton, checkpoint_files, map_keys
+    from arbq.models.checkpoint import Fused, checkpoint_files, map_keys
+    from arbq.models.lazy import LazyModel, _skeleton
     from arbq.models.loading import load_config, resolve
 
     family, path, model = tiny_moe

@@ -17,7 +17,8 @@ from arbq.methods.config import BinarizeConfig
 from arbq.models import layerwise
 from arbq.models.activations import DiskActivations, TensorActivations, scratch
 from arbq.models.arch import ARCHS
-from arbq.models.lazy import LazyModel, checkpoint_files, open_layerwise
+from arbq.models.checkpoint import checkpoint_files
+from arbq.models.lazy import LazyModel, open_layerwise
 from arbq.models.loading import ModelRef, load_model, resolve
 from arbq.stages.binarize import run_binarize
 from arbq.stages.calibrate import run_calibrate

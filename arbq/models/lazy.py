@@ -12,9 +12,8 @@
 - the eager base class otherwise (.gguf, .bin, quantized checkpoints, keys it cannot map, `lazy=False`):
   the whole model is loaded on CPU as before and layers are moved to the device and back.
 Both give bit-identical tensors: checkpoint → model dtype (as `from_pretrained` casts) → float32 on
-the device for a decoder layer. Keys are matched as stored, without the base-model prefix, or through
-transformers' own renamings; fused MoE experts (one 3-D parameter built from per-expert checkpoint
-tensors) are assembled per layer (`Fused`).
+the device for a decoder layer. Which file holds which tensor, and the model-key → checkpoint-key map
+(fused MoE experts assembled per layer), is arbq.models.checkpoint.
 """
 
 from __future__ import annotations
@@ -23,10 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import json
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,10 +33,8 @@ from arbq import dtypes
 from arbq.errors import ArbqError
 from arbq.models import arch as archmod
 from arbq.models import layerwise
+from arbq.models.checkpoint import Fused, checkpoint_files, map_keys, module_name, read_tensors, sources
 from arbq.models.loading import ModelRef, load_config, load_model
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 
 
 @contextlib.contextmanager
@@ -76,147 +70,9 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-def checkpoint_dir(ref: ModelRef) -> Path | None:
-    """The local directory holding `ref`'s safetensors (a hub id only if it is in the HF cache already)."""
-    if ref.gguf_file:
-        return None
-    p = Path(ref.path).expanduser()
-    if p.is_dir():
-        return p
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    for name in (INDEX, SINGLE):
-        hit = try_to_load_from_cache(ref.path, name)
-        if isinstance(hit, str):
-            return Path(hit).parent
-    return None
-
-
-def checkpoint_files(ref: ModelRef) -> dict[str, Path] | None:
-    """Checkpoint tensor key → its safetensors file; None when `ref` is not a plain safetensors checkpoint."""
-    root = checkpoint_dir(ref)
-    if root is None:
-        return None
-    if (root / INDEX).is_file():
-        try:
-            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-            files = {k: root / v for k, v in weight_map.items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ArbqError(f"corrupt {root / INDEX}: {e}") from None
-        return files if all(f.is_file() for f in set(files.values())) else None
-    if not (root / SINGLE).is_file():
-        return None
-    try:
-        with safe_open(str(root / SINGLE), framework="pt") as f:
-            return dict.fromkeys(f.keys(), root / SINGLE)
-    except (SafetensorError, OSError) as e:
-        raise ArbqError(f"corrupt or truncated safetensors file {root / SINGLE}: {e}") from None
-
-
-def read_tensors(files: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
-    """{key: CPU tensor as stored} for checkpoint `keys`, each file opened once (no unpickling)."""
-    by_file: dict[Path, list[str]] = {}
-    for k in keys:
-        by_file.setdefault(files[k], []).append(k)
-    out = {}
-    for path, ks in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in ks:
-                    out[k] = f.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise ArbqError(f"corrupt or truncated safetensors file {path}: {e}") from None
-    return out
-
-
-@dataclass(frozen=True)
-class Fused:
-    """A model tensor that transformers builds from several checkpoint tensors (fused MoE experts):
-    expert e's rows are `keys[e]` concatenated along dim 0, stacked over experts → [E, Σ rows, in]
-    (e.g. `experts.gate_up_proj[e] = [gate_proj_e; up_proj_e]`, `experts.down_proj[e] = down_proj_e`)."""
-
-    keys: tuple[tuple[str, ...], ...]
-
-    def assemble(self, got: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.cat([got[k] for k in row]) for row in self.keys])
-
-    def __str__(self) -> str:
-        return f"{self.keys[0][0]} … ({len(self.keys)} experts fused)"
-
-
-def _sources(value: str | Fused) -> list[str]:
-    return [k for row in value.keys for k in row] if isinstance(value, Fused) else [value]
-
-
-def map_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str | Fused] | None:
-    """Model state key → checkpoint key (as is, or without the base-model prefix, e.g. OPT's `model.`,
-    or through transformers' own key renamings, e.g. a multimodal Gemma 3's `language_model.model.…` →
-    `model.language_model.…`); None if a tensor the layer-wise stages need (anything but the output
-    embeddings) is not in the checkpoint."""
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    out_emb = model.get_output_embeddings()
-    head = _name_of(model, out_emb) + "." if out_emb is not None else None
-    renamed = None
-    out = {}
-    for key in model.state_dict(keep_vars=True):
-        if key in files:
-            out[key] = key
-        elif key.startswith(prefix) and key[len(prefix):] in files:
-            out[key] = key[len(prefix):]
-        else:
-            renamed = _renamed_keys(model, files) if renamed is None else renamed
-            if key in renamed:
-                out[key] = renamed[key]
-            elif head is None or not key.startswith(head):
-                return None
-    return out
-
-
-def _renamed_keys(model: nn.Module, files: dict[str, Path]) -> dict[str, str | Fused]:
-    """Model key → checkpoint key(s) by the renamings and expert-merging converters `from_pretrained`
-    applies (empty when this transformers has none, or a converter does something else: not lazily loadable)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightRenaming, rename_source_key
-    except ImportError:
-        return {}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    state = model.state_dict(keep_vars=True)
-    out: dict[str, str | Fused] = {}
-    parts: dict[str, dict[tuple[int, int], str]] = {}      # model key → {(expert, source pattern #): ck}
-    sources: dict[str, int] = {}                            # model key → number of source patterns
-    for ck in files:
-        key, pattern = rename_source_key(ck, renamings, converters, getattr(model, "base_model_prefix", None), state)
-        if pattern is None:
-            out[key] = ck
-            continue
-        conv = by_pattern.get(pattern)
-        ops = [(type(op), getattr(op, "dim", None)) for op in getattr(conv, "operations", [None])]
-        hit = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), ck)
-        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]) or hit is None:
-            return {}
-        parts.setdefault(key, {})[int(hit.group(1)), conv.source_patterns.index(pattern)] = ck
-        sources[key] = len(conv.source_patterns)
-    for key, got in parts.items():
-        n_exp = max(e for e, _ in got) + 1
-        if len(got) != n_exp * sources[key]:
-            return {}
-        out[key] = Fused(tuple(tuple(got[e, j] for j in range(sources[key])) for e in range(n_exp)))
-    return out
-
-
 def _tied(model: nn.Module) -> bool:
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     return out_emb is not None and out_emb.weight is in_emb.weight
-
-
-def _name_of(root: nn.Module, mod: nn.Module) -> str:
-    return next(n for n, m in root.named_modules() if m is mod)
 
 
 def _own_tensors(mod: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -256,7 +112,7 @@ class LayerwiseModel:
         self.layers: nn.ModuleList = archmod.decoder_layers(model, spec)
         self.tied = _tied(model)
         out_emb = model.get_output_embeddings()
-        skip = [spec.layers, *spec.unused] + ([_name_of(model, out_emb)] if out_emb is not None else [])
+        skip = [spec.layers, *spec.unused] + ([module_name(model, out_emb)] if out_emb is not None else [])
         # (name, module) of every module but the decoder layers, the output embeddings (tied ones share
         # the input embeddings' weight) and the modules a text forward never runs: what runs before layer 0
         self.stem = [(n, m) for n, m in model.named_modules() if not any(n == s or n.startswith(s + ".")
@@ -313,7 +169,7 @@ class LazyModel(LayerwiseModel):
         model dtype and put on `device`."""
         want = [(f"{name}.{k}" if name else k, mod, k, t) for name, mod in modules
                 for k, t, stored in _own_tensors(mod) if stored and t.device.type == "meta"]
-        got = read_tensors(self.files, [ck for full, *_ in want for ck in _sources(self.keymap[full])])
+        got = read_tensors(self.files, [ck for full, *_ in want for ck in sources(self.keymap[full])])
         for full, mod, k, t in want:
             src = self.keymap[full]
             value = src.assemble(got) if isinstance(src, Fused) else got[src]

@@ -128,7 +128,7 @@ def load_expert_report(calib: Path, i: int, groups: tuple[tuple[str, ...], ...])
 def model_identity(ref: ModelRef, config=None) -> dict:
     """What identifies the weights: resolved path or hub id, hub revision (commit) when known, and the
     size of every weight file (a checkpoint replaced in place is noticed without hashing gigabytes)."""
-    from arbq.models.lazy import checkpoint_dir
+    from arbq.models.checkpoint import checkpoint_dir
 
     config = config if config is not None else load_config(ref)
     root = checkpoint_dir(ref)

@@ -17,7 +17,8 @@ import torch
 
 from arbq.fileio import copy_tensors, fsync_tree, writing
 from arbq.models import arch as archmod
-from arbq.models.lazy import INDEX, Fused, LazyModel
+from arbq.models.checkpoint import INDEX, Fused
+from arbq.models.lazy import LazyModel
 from arbq.models.loading import ModelRef, load_model, load_tokenizer
 from arbq.stages.run_dir import RunDir
 
@@ -57,7 +58,7 @@ def _save_eager(ref: ModelRef, run: RunDir, spec: archmod.ArchSpec, tmp: Path) -
 
 def _checkpoint_keys(net: LazyModel) -> dict[str, tuple[int, str]] | None:
     """Checkpoint key → (layer, linear) of every binarizable weight. An expert projection's is its own
-    per-expert tensor, one source of the fused parameter (`lazy.Fused`: gate_up_proj's keys[e] = (gate, up),
+    per-expert tensor, one source of the fused parameter (`checkpoint.Fused`: gate_up_proj's keys[e] = (gate, up),
     down_proj's keys[e] = (down,)); None when a fused parameter is stored fused (then written eagerly)."""
     spec = net.spec
     out = {}
