@@ -72,6 +72,8 @@ def binarize(
     keep_columns: float = typer.Option(None, help="gptq: fraction of input columns kept in fp16 (OWQ), e.g. 0.005."),
     nm: str = typer.Option(None, help="pbs2p / stbllm: keep N of every M input columns, e.g. 6:8."),
     nm_metric: str = typer.Option(None, help="pbs2p / stbllm pruning score: hessian | wanda."),
+    nm_cfs: int = typer.Option(None, help="pbs2p / stbllm: per-layer N within ±this of the target by layer "
+                                          "influence (CFS; 0 = off)."),
     percdamp: float = typer.Option(None, help="Hessian damping fraction."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
     search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
@@ -95,8 +97,8 @@ def binarize(
     cfg = load_recipe(recipe).replace(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
         split_error=split_error, bits=bits, group=group, act_order=act_order, keep_columns=keep_columns,
-        nm=nm, nm_metric=nm_metric, blocksize=blocksize, percdamp=percdamp, salient=salient, search_on=search_on,
-        split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
+        nm=nm, nm_metric=nm_metric, nm_cfs=nm_cfs, blocksize=blocksize, percdamp=percdamp, salient=salient,
+        search_on=search_on, split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
                  layers=layers, device=device, resume=resume, offload=offload_activations,
                  hessian_dtype=hessian_dtype, lazy=lazy)

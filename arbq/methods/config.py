@@ -13,7 +13,7 @@ from arbq.errors import ArbqError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # keys that hold for the whole run (a per-module override cannot change them)
-GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore")
+GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs")
 CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
            "scale_dtype": ("fp16", "bf16", "fp32"), "salient": ("hessian", "magnitude"),
@@ -59,6 +59,9 @@ class BinarizeConfig:
     nm_base:       the binary strategy of the kept weights (rc | x | arb | billm)
     nm_stepwise:   pbs2p: prune one more weight per run of M per step, re-fitting in between (SPBO); false =
                    all at once per block
+    nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
+                   [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
+                   Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -93,6 +96,7 @@ class BinarizeConfig:
     nm_metric: str = "hessian"
     nm_base: str = "rc"
     nm_stepwise: bool = True
+    nm_cfs: int = 0
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()

@@ -26,6 +26,7 @@ import time
 import torch
 
 from arbq.errors import ArbqError
+from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
@@ -143,6 +144,7 @@ def _layout_params(cfg: BinarizeConfig) -> dict:
 
 def _check(cfg: BinarizeConfig) -> None:
     n, m = parse_nm(cfg.nm)
+    cfs.allocate_n([], n, m, cfg.nm_cfs)          # the spread's range
     if cfg.blocksize % m:
         raise ArbqError(f"recipe: blocksize {cfg.blocksize} must be a multiple of M = {m} (runs of M columns "
                         "must not cross a block)")
@@ -158,8 +160,11 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
     def label(cfg: BinarizeConfig) -> str:
         return f"{name}-{cfg.nm}" + ("+cgb" if _layout_params(cfg)["cgb"] else "")
 
+    def plan(cfg: BinarizeConfig, influence) -> list[dict] | None:
+        return cfs.layer_plan(cfg.nm, cfg.nm_cfs, parse_nm, influence)
+
     return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
-                        result_type=NMResult, keys=NM_KEYS, check=_check, label=label)
+                        result_type=NMResult, keys=NM_KEYS, check=_check, label=label, layer_plan=plan)
 
 
 RECORDS = [

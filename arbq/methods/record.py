@@ -24,7 +24,9 @@ class MethodRecord:
     `Layout.pack` needs; result_type: the class of `fit`'s result; uses_hessian: needs calibration
     statistics; keys: the recipe keys it reads (a per-module override may set only these, plus method);
     check: extra recipe validation (raises ArbqError); label: cfg -> how reports name the method of a module
-    (default: the name, plus "+cgb" when the layout params use CGB)."""
+    (default: the name, plus "+cgb" when the layout params use CGB); layer_plan: (cfg, influence) -> per
+    decoder layer the recipe keys to set for that layer's modules, or None (influence() reads the layers'
+    calibration scores, only when asked: arbq.methods.cfs)."""
 
     name: str
     summary: str
@@ -36,3 +38,4 @@ class MethodRecord:
     keys: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
     label: Callable[[Any], str] | None = None
+    layer_plan: Callable[[Any, Callable[[], list[float]]], list[dict] | None] | None = None

@@ -6,7 +6,8 @@ enter layer 0 plus the keyword arguments the model passes to each layer (positio
 a `LayerKwargs`, since they may differ per layer (Gemma 2/3 sliding-window vs full-attention layers
 get different masks, Gemma 3 also different rotary tables). `forward_layer` then maps those hidden
 states through any one layer with that layer's kwargs, and `accumulate_hessians` does the same while
-summing xᵀx of the inputs of chosen linears (forward hooks).
+summing xᵀx of the inputs of chosen linears (forward hooks); `block_influence` scores a layer by how much
+it changes its hidden states (the coarse stage of N:M methods, arbq.methods.cfs).
 Only one layer's activations are held at a time: n × [S, D] in, n × [S, D] out, each an
 `Activations` store (device, CPU or disk: arbq.models.activations); plain [n, S, D] tensors work too
 (outputs then come back as [n, S, D] float32 CPU tensors). Samples go through the layer one at a time.
@@ -14,6 +15,8 @@ Only one layer's activations are held at a time: n × [S, D] in, n × [S, D] out
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -185,3 +188,29 @@ def accumulate_hessians(layer: nn.Module, linears: dict[str, nn.Linear], x: Acti
         if not torch.isfinite(h).all():
             raise ArbqError(f"{name}.{k}: Hessian has NaN/Inf")
     return hess, y
+
+
+@contextmanager
+def block_influence(layer: nn.Module) -> Iterator[Callable[[], float]]:
+    """While open, observe every forward of `layer` (hidden states h [.., S, D] in, f(h) out); the yielded
+    getter returns its block influence (ShortGPT) over all tokens t seen so far:
+
+        BI = 1 − mean_t cos(h_t, f(h)_t)        (0: the layer leaves its input unchanged)
+    """
+    acc = {"cos": 0.0, "n": 0}
+
+    def hook(_mod, args, output):
+        h = args[0] if args else None
+        y = output[0] if isinstance(output, tuple | list) else output
+        if not isinstance(h, torch.Tensor) or h.shape != y.shape:
+            return
+        cos = torch.nn.functional.cosine_similarity(h.double().reshape(-1, h.shape[-1]),
+                                                    y.double().reshape(-1, y.shape[-1]), dim=-1)
+        acc["cos"] += float(cos.sum())
+        acc["n"] += cos.numel()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield lambda: 1.0 - acc["cos"] / acc["n"] if acc["n"] else float("nan")
+    finally:
+        handle.remove()

@@ -77,6 +77,32 @@ def _hessian_dtype(cfg: BinarizeConfig, flag: str | None, manifest: dict, calib_
     return name
 
 
+def _with_layer_plan(cfg: BinarizeConfig, calib_dir: Path, spec, num_layers: int
+                     ) -> tuple[BinarizeConfig, dict | None]:
+    """The recipe with its method's per-layer plan (e.g. CFS's N per layer, arbq.methods.cfs) written out as
+    overrides of the modules that use the method, placed before the recipe's own overrides (which win), and
+    the whole-run key that asked for it reset (the resolved recipe is what run.json records; a resume
+    resolves the same). Returns (recipe, {"influence", "layers"} or None)."""
+    rec = get_method(cfg.method)
+    scores: list[float] = []
+
+    def influence() -> list[float]:
+        scores[:] = cal.load_influence(calib_dir, num_layers)
+        return scores
+
+    plan = rec.layer_plan(cfg, influence) if rec.layer_plan else None
+    if not plan:
+        return cfg, None
+    added = []
+    for i, keys in enumerate(plan):
+        names = [f"{spec.layers}.{i}.{name}" for name in spec.linears]
+        targets = [n for n in names if (c := cfg.for_module(n)) is not None and c.method == cfg.method]
+        if targets and keys:
+            added.append({"targets": targets, **keys})
+    resolved = cfg.replace(overrides=(*added, *cfg.overrides), nm_cfs=0)
+    return resolved, {"influence": scores, "layers": plan, "spread": cfg.nm_cfs}
+
+
 def _check_run(run: RunDir, info: dict, resume: bool) -> None:
     if run.run_json.is_file():
         old = {"hessian_dtype": "float32", **run.info()}
@@ -125,6 +151,7 @@ def _run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None
     if int(samples.max()) >= vocab:
         raise ArbqError(f"calibration {calib_dir} has token ids beyond this model's vocabulary "
                         f"({int(samples.max())} >= {vocab}): it was made for another tokenizer")
+    cfg, plan = _with_layer_plan(cfg, calib_dir, spec, len(net))
     cfg.check_modules([f"{spec.layers}.{i}.{name}" for i in range(len(net)) for name in spec.linears])
     todo_range = parse_layers(layers, len(net))
     info = {"format": RUN_FORMAT, "model": str(ref), "model_identity": cal.model_identity(ref, net.config),
@@ -133,6 +160,8 @@ def _run_binarize(model: str, out: Path, cfg: BinarizeConfig, calib: Path | None
             "recipe": cfg.to_dict(), "hessian_dtype": hname,
             "calib": {"dir": str(calib_dir), "manifest_sha256": sha256_file(calib_dir / "manifest.json"),
                       "params": manifest.get("params")}}
+    if plan is not None:
+        info["layer_plan"] = plan
     _check_run(run, info, resume)
     runtime = {"device": device, "offload_activations": offload, "lazy": net.lazy}
     write_json(run.run_json, {**info, "layers": [todo_range.start, todo_range.stop], "runtime": runtime})

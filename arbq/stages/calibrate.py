@@ -8,6 +8,8 @@ DIR/stats/layer_0007.safetensors  {"<first linear of a shared-input group>": H [
                              (arbq.models.moe; gate/up under its gate_proj, down under its down_proj) and
                              the metadata adds "experts": {group's first linear: {"expert", "tokens",
                              "hessian"}} for the report
+                             and "influence": the layer's block influence 1 − mean cos(h_in, h_out) over
+                             the calibration tokens (layerwise.block_influence; read by CFS, arbq.methods.cfs)
 DIR/manifest.json            params (model, data, seed, sizes, hessian_dtype), model identity (resolved
                              path or hub id, revision, weight-file sizes), how it ran (device, activation
                              offload, lazy loading), library versions, sha256 of every file (recorded as
@@ -21,6 +23,7 @@ activations live on the device, in CPU memory or on disk (`offload`, arbq.models
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +119,24 @@ def load_layer_stats(calib: Path, i: int, groups: tuple[tuple[str, ...], ...],
     if missing:
         raise ArbqError(f"{stats_path(calib, i)} has no statistics for {', '.join(missing)}: made for another model")
     return {name: t[g[0]] for g in groups for name in g}
+
+
+def load_influence(calib: Path, num_layers: int) -> list[float]:
+    """Every layer's block influence (1 − mean cos(h_in, h_out), see layerwise.block_influence) from the
+    stored statistics' headers, each file checked against the manifest's sha256 first."""
+    calib = Path(calib)
+    manifest = read_json(calib / "manifest.json")
+    out = []
+    for i in range(num_layers):
+        if not stats_complete(calib, i):
+            raise ArbqError(f"{calib} has no statistics for layer {i} (run `arbq calibrate` with --stats)")
+        verify_file(calib, stats_name(i), manifest)
+        value = (read_info(stats_path(calib, i)) or {}).get("influence")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ArbqError(f"{stats_path(calib, i)} records no layer influence (calibrated by an older arbq): "
+                            "run `arbq calibrate` again to use the coarse stage (nm_cfs)")
+        out.append(float(value))
+    return out
 
 
 def load_expert_report(calib: Path, i: int, groups: tuple[tuple[str, ...], ...]) -> dict[str, dict]:
@@ -282,15 +303,17 @@ def _write_stats(ref: ModelRef, spec: archmod.ArchSpec, samples: torch.Tensor, o
                 lin = archmod.layer_linears(layer, spec)
                 reps = {g[0]: lin[g[0]] for g in spec.groups if not archmod.is_expert(spec, g[0])}
                 info: dict[str, Any] = {"layer": i, "groups": spec.groups}
-                if spec.moe is None:
-                    hess, _ = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, hdtype, f"layer {i}",
-                                                            out=y, keep=y is not None)
-                else:                     # experts: from the tokens routed to each, in the same pass
-                    st, _ = moe.accumulate_expert_hessians(layer, spec.moe, x, kwargs, device, hdtype, f"layer {i}",
-                                                           dense=reps, out=y, keep=y is not None)
-                    hess = {g[0]: st.hessians[g[0]] for g in spec.groups}
-                    info["experts"] = {g[0]: moe.expert_report(st, g[0]) for g in spec.groups
-                                       if archmod.is_expert(spec, g[0])}
+                with layerwise.block_influence(layer) as influence:
+                    if spec.moe is None:
+                        hess, _ = layerwise.accumulate_hessians(layer, reps, x, kwargs, device, hdtype,
+                                                                f"layer {i}", out=y, keep=y is not None)
+                    else:                     # experts: from the tokens routed to each, in the same pass
+                        st, _ = moe.accumulate_expert_hessians(layer, spec.moe, x, kwargs, device, hdtype,
+                                                               f"layer {i}", dense=reps, out=y, keep=y is not None)
+                        hess = {g[0]: st.hessians[g[0]] for g in spec.groups}
+                        info["experts"] = {g[0]: moe.expert_report(st, g[0]) for g in spec.groups
+                                           if archmod.is_expert(spec, g[0])}
+                info["influence"] = influence()
                 if i not in done:
                     save_tensors(stats_path(out, i), hess, info=info)
                     record(i)
