@@ -13,7 +13,7 @@ import torch
 
 from arbq import dtypes
 from arbq.methods import masks as mk
-from arbq.methods.binarizers import Fit
+from arbq.methods.binarizers import Fit, _nearest_levels, sgn
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.result import LinearResult
 
@@ -115,7 +115,54 @@ def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, metho
               cfg: BinarizeConfig, keep: Tensor | None = None) -> BlockFit:
     """Fit every non-empty (kind, group) of the block with the method's binarizers (cfg.iters ARB
     iterations), then cfg.x_iters ARB-X iterations when the method refines against S. keep: [N, C] bool,
-    the entries that survive pruning (None = all); pruned entries belong to no group (ŵ = 0 there)."""
+    the entries that survive pruning (None = all); pruned entries belong to no group (ŵ = 0 there).
+    cfg.regroup > 0 (methods with a magnitude split): that many rounds of `regroup` + re-fit after."""
+    fit = _fit_groups(W, salient, group, S, method, cfg, keep)
+    if not (cfg.regroup and method.search and cfg.group_split):
+        return fit
+    for _ in range(cfg.regroup):
+        new = regroup(W, fit, keep, cfg.cgb)
+        if torch.equal(new, fit.group):
+            break
+        fit = _fit_groups(W, salient, new, S, method, cfg, keep)
+    return fit
+
+
+def group_candidates(W: Tensor, fit: BlockFit) -> Tensor:
+    """ŵ of every weight of W [N, C] under either group's current parameters, [2, N, C]: with the levels
+    l_k = |α_k c_k| of its kind (salient columns: order 2, else order 1) and the nearest signs,
+
+        ŵ_g = μ_g + s·l_1 (+ s'·l_2),   s, s' ∈ {±1} minimising (w − ŵ_g)²   (binarizers._nearest_levels)."""
+    sal = fit.salient[None, :]
+    out = []
+    for g in (0, 1):
+        r0 = W - fit.mu[:, 0, g, None]
+        w0 = fit.mu[:, 0, g, None] + sgn(r0) * (fit.alpha[:, 0, g, 0, None] * fit.col_scale[g, 0][None, :]).abs()
+        r1 = W - fit.mu[:, 1, g, None]
+        l1 = (fit.alpha[:, 1, g, 0, None] * fit.col_scale[g, 0][None, :]).abs()
+        l2 = (fit.alpha[:, 1, g, 1, None] * fit.col_scale[g, 1][None, :]).abs()
+        b1, b2 = _nearest_levels(r1, l1, l2)
+        w1 = fit.mu[:, 1, g, None] + b1 * l1 + b2 * l2
+        out.append(torch.where(sal, w1, w0))
+    return torch.stack(out)
+
+
+def regroup(W: Tensor, fit: BlockFit, keep: Tensor | None, cgb: bool) -> Tensor:
+    """New group bits [N, C]: every kept weight joins the group whose current parameters represent it with
+    the smaller error (w − ŵ_g)² (a Lloyd step of the two-group split; the magnitude-threshold split of
+    BiLLM is its start). The group bit is stored per weight, so any assignment packs; salient columns
+    keep theirs unless CGB splits them, pruned entries keep theirs (they belong to no group)."""
+    cand = group_candidates(W, fit)
+    new = (W - cand[1]) ** 2 < (W - cand[0]) ** 2
+    fixed = fit.salient[None, :].expand_as(new) if not cgb else torch.zeros_like(new)
+    if keep is not None:
+        fixed = fixed | ~keep
+    return torch.where(fixed, fit.group, new)
+
+
+def _fit_groups(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,
+                cfg: BinarizeConfig, keep: Tensor | None) -> BlockFit:
+    """fit_block's fit on fixed masks."""
     N, C = W.shape
     sal = salient[None, :].expand(N, C)
     fits: list[tuple[int, int, Tensor, Fit]] = []

@@ -43,6 +43,9 @@ class BinarizeConfig:
                    bit per weight, BiLLM's bell-shaped split); false = one group and no group-bit plane
                    (needs cgb false)
     split_points:  number of quantile thresholds tried for each magnitude split (paper: 81, 10%…90%)
+    regroup:       rounds of group reassignment after each block fit (methods with a magnitude split): every
+                   weight moves to the group whose fitted scales represent it better, then the groups are
+                   re-fitted (Lloyd steps from BiLLM's threshold split; the bits stored are the same). 0 = off
     search_on:     "weight": search masks with errors measured on W (arbq); "salience": on the
                    salience-transformed matrix (W²/U_jj² for hessian, W for magnitude), as the reference
     split_quantiles: "members": split thresholds are quantiles of |w| over the group's own weights;
@@ -85,6 +88,7 @@ class BinarizeConfig:
     max_salient: int = 49
     group_split: bool = True
     split_points: int = 81
+    regroup: int = 0
     search_on: str = "weight"
     split_quantiles: str = "members"
     scale_dtype: str = "fp16"
@@ -121,7 +125,7 @@ class BinarizeConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ArbqError(f"recipe: unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
-        for key in ("iters", "x_iters", "search_iters"):
+        for key in ("iters", "x_iters", "search_iters", "regroup"):
             if getattr(self, key) < 0:
                 raise ArbqError(f"recipe: {key} must be >= 0")
         if self.blocksize < 8 or self.blocksize % 8:
