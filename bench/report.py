@@ -103,8 +103,10 @@ def size_table(res: dict) -> Table:
 def kernel_table(res: dict, method: str | None = None) -> Table:
     """Table 4 for the kernels' main method (kernels/NxK/...) or another one (kernels/METHOD/NxK/...)."""
     k = res["kernels"] if method is None else {**res["kernels"], **res["kernels"][method]}
-    t = Table(title=f"4. Kernels — {k['method']} packed BinaryLinear ({k['backend']}) vs dense {k['dense_dtype']} "
-                    f"matmul, {k['threads']} threads, median (p10–p90) of {k['repeats']} A/B-interleaved repeats, "
+    layout = f" (binary_nm {k['nm']})" if k.get("nm") else ""
+    t = Table(title=f"4. Kernels — {k['method']}{layout} packed BinaryLinear ({k['backend']}) vs dense "
+                    f"{k['dense_dtype']} matmul, {k['threads']} threads, median (p10–p90) of {k['repeats']} "
+                    f"A/B-interleaved repeats, "
                     f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC")
     for c in ("shape N×K", "bits/w honest", "ceiling 32/b", "batch", "dense ms", "packed ms", "speedup",
               "cold speedup"):

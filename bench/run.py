@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--threads", type=int, help="torch / OpenMP threads (default: torch's default)")
     a("--shapes", help=f"kernel shapes N×K, comma list (default {SHAPES})")
     a("--kernel-repeats", type=int, help="kernel timing repeats (default 21)")
-    a("--kernel-methods", default="billm", help="methods timed besides rc+cgb in table 4 (comma list; '' = none)")
+    a("--kernel-methods", default="billm", help="methods timed besides rc+cgb in table 4 (comma list; '' = none; "
+      "N:M methods such as pbs2p-6of8 time their binary_nm layout)")
     a("--kernel-clock", choices=("wall", "thread"), default="wall", help="CPU kernel clock (thread needs 1 thread)")
     a("--new-tokens", type=int, help="decode: new tokens (default 32)")
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
@@ -234,12 +235,11 @@ def speed(b: Bench, model: str) -> None:
     if k is not None:
         k["other_methods"] = []
         for m in _csv(a.kernel_methods):
-            method, cgb = m.removesuffix("+cgb"), m.endswith("+cgb")
             if m == "rc+cgb":  # already timed above
                 continue
-            o = b.step(f"kernels/{m}", lambda me=method, cg=cgb: sp.kernels(
+            o = b.step(f"kernels/{m}", lambda m=m: sp.kernels(
                 shapes, a.device, repeats=a.kernel_repeats, warmup=a.warmup, cold=a.cold, clock=a.kernel_clock,
-                method=me, cgb=cg), "kernels")
+                label=m, **sp.kernel_layout(m)), "kernels")
             if o is not None:
                 k[m] = {key: v for key, v in o.items() if key not in ("threads", "clock", "repeats", "warmup",
                                                                     "device", "dense_dtype", "backend")}

@@ -27,18 +27,17 @@ def _rows(raw: dict) -> dict:
     return out
 
 
-def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, warmup: int, device: str) -> dict:
+def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, warmup: int, device: str,
+               nm: str | None = None) -> dict:
     """bench_shape's protocol on CUDA: dense bf16 matmul vs BinaryLinear, CUDA-event timings."""
-    from arbq.kernels.bench import cuda_timer, interleaved, random_result
-    from arbq.methods.registry import scheme_for
+    from arbq.kernels.bench import cuda_timer, interleaved, random_packed
     from arbq.packed.binary_linear import BinaryLinear
-    from arbq.packed.codec import pack_linear
 
-    res = random_result(n, k, method, cgb)
-    packed = pack_linear(res, scheme_for(method, cgb), "fp16")
+    packed = random_packed(n, k, method, cgb, "fp16", nm)
     bits = sum(packed.spec.formula_bits().values()) / (n * k)
-    layer = BinaryLinear.from_packed(packed).to(device)
-    w = res.dequantize().to(device)
+    layer = BinaryLinear.from_packed(packed)
+    w = layer.dequantize().to(device)
+    layer = layer.to(device)
     wb = w.to(torch.bfloat16)
     out = {"shape": [n, k], "bits_per_weight": bits, "ceiling_vs_fp32": 32 / bits, "batches": {}}
     with torch.inference_mode():
@@ -56,28 +55,47 @@ def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, wa
     return out
 
 
+def kernel_layout(name: str) -> dict:
+    """A bench method name (bench.methods.METHODS) -> bench_shape's {method, cgb, nm} for its packed layout:
+    N:M methods (pbs2p-6of8, stbllm-5of8, ...) -> their binary strategy (nm_base), cgb and "N:M" (binary_nm);
+    others -> name without "+cgb", cgb = the suffix (the binary layout)."""
+    from arbq.methods.registry import get_method
+    from bench.methods import METHODS, RunSpec
+
+    if name in METHODS:
+        cfg = RunSpec(name, *METHODS[name]).config()
+        rec = get_method(cfg.method)
+        if rec.layout == "binary_nm":
+            return {"method": cfg.nm_base, "cgb": bool(rec.layout_params(cfg)["cgb"]), "nm": cfg.nm}
+    return {"method": name.removesuffix("+cgb"), "cgb": name.endswith("+cgb"), "nm": None}
+
+
 def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, warmup: int = 5,
-            cold: bool = True, clock: str = "wall", method: str = "rc", cgb: bool = True) -> dict:
-    """kernels/NxK/... rows for every shape (rc+cgb layout, fp16 scales, random bits)."""
+            cold: bool = True, clock: str = "wall", method: str = "rc", cgb: bool = True, nm: str | None = None,
+            label: str | None = None) -> dict:
+    """kernels/NxK/... rows for every shape (rc+cgb layout by default, fp16 scales, random bits); nm = "N:M":
+    the binary_nm layout of that scheme; label: the row's method name (default method[+cgb][ N:M])."""
     from arbq.kernels import bench as kb
 
     cuda = device.startswith("cuda")
-    out: dict = {"method": f"{method}{'+cgb' if cgb else ''}", "scale_dtype": "fp16", "device": device,
+    name = label or f"{method}{'+cgb' if cgb else ''}{f' {nm}' if nm else ''}"
+    out: dict = {"method": name, "layout": "binary_nm" if nm else "binary", "nm": nm,
+                 "scale_dtype": "fp16", "device": device,
                  "dense_dtype": "bf16" if cuda else "fp32", "threads": torch.get_num_threads(),
                  "clock": "cuda events" if cuda else clock, "repeats": repeats, "warmup": warmup,
                  "backend": _backend(device)}
     for n, k in shapes:
         key = f"{n}x{k}"
         if cuda:
-            raw = _gpu_shape(n, k, method, cgb, batches, repeats, warmup, device)
+            raw = _gpu_shape(n, k, method, cgb, batches, repeats, warmup, device, nm)
         else:
             raw = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
-                                 clock=clock)
+                                 clock=clock, nm=nm)
         row = {"bits_per_weight": raw["bits_per_weight"], "ceiling_vs_fp32": raw["ceiling_vs_fp32"],
                **_rows(raw)}
         if cold and not cuda:  # every shape also cold (rotating copies), as a decode through many layers sees it
             raw_c = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
-                                   clock=clock, cold=True)
+                                   clock=clock, cold=True, nm=nm)
             for b, r in _rows(raw_c).items():
                 row[b]["cold"] = r
         out[key] = row

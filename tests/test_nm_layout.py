@@ -16,7 +16,7 @@ from arbq.errors import ArbqError
 from arbq.packed import layouts, nm
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear
-from arbq.packed.format import measured_bits, unpack_bits
+from arbq.packed.format import LinearSpec, Scheme, measured_bits, unpack_bits
 
 PATTERNS = [(6, 8), (5, 8), (4, 8), (2, 4)]
 # (method, cgb) -> (V values per row and block, C0 non-salient and C1 salient column-scale vectors), written out:
@@ -82,6 +82,14 @@ def test_pack_dequantize_exact(n, m, k, flavour):
     assert torch.equal(layouts.dequantize(p, rows=7), want)       # several row tiles
     assert bool((got[~res.keep] == 0).all())
     assert torch.equal(unpack_bits(p["keep"], k), res.keep)
+    L = nm.kept_per_row(k, n, m)                                    # compacted planes: kept bits in column order
+    assert p["sign1"].shape == (24, -(-L // 8))
+    assert torch.equal(unpack_bits(p["sign1"], L), res.base.sign1[res.keep].reshape(24, L))
+    if "group" in p.tensors:
+        group = res.base.group if cgb else res.base.group & ~res.base.salient   # as the binary layout stores it
+        assert torch.equal(unpack_bits(p["group"], L), group[res.keep].reshape(24, L))
+        assert torch.equal(nm.expand_plane(p["group"], res.keep), group & res.keep)
+    assert torch.equal(nm.expand_plane(p["sign1"], res.keep), res.base.sign1 & res.keep)
     layouts.validate(p, "layer")
 
 
@@ -119,9 +127,10 @@ def test_bits_closed_form(n, m, k, flavour, scale_dtype):
     v, c0, c1 = FLAVOURS[flavour]
     sb, fp8 = {"fp32": 32, "fp16": 16, "fp8": 8}[scale_dtype], scale_dtype == "fp8"
     kb, t = -(-k // 8), -(-k // bs)
-    closed = {"sign": 8 * rows * kb,
+    lb = -(-(n * (k // m) + min(n, k % m)) // 8)       # compacted sign / group planes: kept bits per row
+    closed = {"sign": 8 * rows * lb,
               "second_sign": 8 * rows * -(-s // 8) if sc["salient"] else 0,
-              "group_bit": 8 * rows * kb if sc["group"] else 0,
+              "group_bit": 8 * rows * lb if sc["group"] else 0,
               "salient_bitmap": 8 * kb if sc["salient"] else 0,
               "row_values": rows * t * v * sb + (32 if fp8 else 0),
               "col_scales": (c0 * (k - s) + c1 * s) * sb + (64 if fp8 else 0) if sc["rc"] else 0,
@@ -132,6 +141,17 @@ def test_bits_closed_form(n, m, k, flavour, scale_dtype):
     assert total == sum(spec.formula_bits().values()) == sum(closed.values())
     assert spec.paper_bits() == (2 * n * rows * (k + s) + m) // (2 * m)   # n/m × (sign + residual), half up
     assert set(p.tensors) == set(spec.tensor_shapes())
+    assert spec.kept == n * (k // m) + min(n, k % m)
+
+
+@pytest.mark.parametrize("n,m,k", [(6, 8, 4096), (5, 8, 4096), (4, 8, 4096), (2, 4, 4096), (5, 8, 100)])
+def test_bits_per_weight_of_signs_and_positions(n, m, k):
+    """Compacted sign plane + occupancy plane = (m + n)/m bits per weight (spec/pbs2p.md §5, bitmap + signs)."""
+    spec = nm.NMSpec.of(LinearSpec(16, k, 0, 128, Scheme(False, False, False, False), "fp16"), n, m)
+    f = spec.formula_bits()
+    if k % 64 == 0:
+        assert (f["sign"] + f["nm_positions"]) / (16 * k) == (m + n) / m
+    assert f["sign"] == 8 * 16 * -(-spec.kept // 8) and f["group_bit"] == 0
 
 
 def test_size_report_accepts_binary_nm():
@@ -207,6 +227,14 @@ def test_validate_refuses_broken_planes():
             layouts.validate(PackedLinear(p.spec, {**p.tensors, **bad}), "layer")
     with pytest.raises(ArbqError, match=r"layer\.keep"):
         layouts.validate(PackedLinear(p.spec, {k: v for k, v in p.tensors.items() if k != "keep"}), "layer")
+    # compacted planes: [24, ceil(L/8)] = [24, 7] for 4:8 over 100 columns (L = 48 + 4); truncated, dense (the
+    # uncompacted layout of earlier arbq) and wrong-dtype planes are refused with one line naming the tensor
+    assert p["sign1"].shape == p["group"].shape == (24, 7)
+    for key in ("sign1", "group"):
+        for bad in (p[key][:, :-1], p[key][:-1], torch.zeros(24, 13, dtype=torch.uint8), p[key].to(torch.int16)):
+            with pytest.raises(ArbqError, match=rf"layer\.{key}: expected torch.uint8 \(24, 7\)") as e:
+                layouts.validate(PackedLinear(p.spec, {**p.tensors, key: bad}), "layer")
+            assert "\n" not in str(e.value)
     sal = dict(p.tensors)
     sal["salient"] = torch.zeros_like(p["salient"])
     with pytest.raises(ArbqError, match="salient bitmap"):
@@ -229,11 +257,11 @@ def test_pack_refuses_mismatched_params():
 
 def test_binary_linear_runs_on_torch_backend():
     res, p = packed(40, 100, 5, 8)
-    assert kernels.backends_for("binary_nm") == ["torch"]
+    assert kernels.backends_for("binary_nm") == ["cpu", "torch"]     # the C++ kernel: tests/test_nm_kernel.py
     x = torch.randn(3, 100, generator=torch.Generator().manual_seed(1))
-    for name in ("auto", "cpu", "triton", "torch"):       # kernels of the binary layout are never picked
+    for name in ("triton", "torch"):                      # the Triton kernel runs the binary layout only
         assert kernels.pick(p, x, name).NAME == "torch"
-    mod = BinaryLinear.from_packed(p, bias=torch.randn(40), backend="auto")
+    mod = BinaryLinear.from_packed(p, bias=torch.randn(40), backend="torch")
     assert torch.allclose(mod(x), x @ res.dequantize().T + mod.bias, atol=1e-5)
     assert torch.equal(mod.dequantize(), res.dequantize())
     assert "layout=binary_nm, n:m=5:8" in repr(mod)
@@ -266,7 +294,7 @@ def test_pack_load_forward_tiny_model(tmp_path, nm_method, monkeypatch):
     from arbq.stages.pack import run_pack
     from arbq.stages.run_dir import RUN_FORMAT, RunDir
 
-    monkeypatch.setenv("ARBQ_KERNEL", "auto")   # the C++/Triton kernels do not run binary_nm: torch is picked
+    monkeypatch.setenv("ARBQ_KERNEL", "auto")   # the C++ kernel where it builds (else torch)
     model_dir = save_tiny(tmp_path / "tiny")
     cfg = AutoConfig.from_pretrained(model_dir)
     spec = arch_for(cfg.model_type)

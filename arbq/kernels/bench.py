@@ -4,7 +4,8 @@ Protocol: same process and threads (recorded); a correctness check before any ti
 interleaved (the order alternates every repeat); median with p10/p90 of >= 21 repeats; dense outputs
 preallocated; kernel build and layer preparation excluded. "hot" reuses one weight; "cold" rotates
 copies of the weights larger than the last-level cache. The honest bits per weight are reported next
-to every speedup: the batch-1 ceiling vs fp32 is 32 / bits.
+to every speedup: the batch-1 ceiling vs fp32 is 32 / bits. `nm="6:8"` times the "binary_nm" layout
+(arbq.packed.nm: the method's binary scheme on n of every m weights, random positions) instead.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
+from arbq.packed import nm as nm_layout
 from arbq.packed.binary_linear import BinaryLinear
-from arbq.packed.codec import pack_linear
+from arbq.packed.codec import PackedLinear, pack_linear
 
 
 def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, salient_frac: float = 0.08,
@@ -40,6 +42,30 @@ def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, 
         salient=sal, alpha=torch.rand(n, t, 2, 2, 2, generator=g) * 0.02,
         mu=torch.zeros(n, t, 2, 2) if sc.rc else torch.randn(n, t, 2, 2, generator=g) * 1e-3,
         col_scale=torch.rand(2, 2, k, generator=g) + 0.5 if sc.rc else torch.ones(2, 2, k), blocksize=blocksize)
+
+
+def random_keep(n: int, k: int, kept: int, m: int, g: torch.Generator) -> torch.Tensor:
+    """bool [n, k]: `kept` random positions of every run of m columns (min(kept, r) in a last run of r)."""
+    rank = torch.rand(n, -(-k // m) * m, generator=g).reshape(n, -1, m).argsort(-1).argsort(-1)
+    keep = (rank < kept).reshape(n, -1)[:, :k].clone()
+    if k % m:                                        # the last partial run: its first min(kept, r) positions
+        keep[:, k - k % m:] = torch.arange(k % m) < min(kept, k % m)
+    return keep
+
+
+def random_packed(n: int, k: int, method: str, cgb: bool, scale_dtype: str = "fp16", nm: str | None = None,
+                  blocksize: int = 128, seed: int = 0) -> PackedLinear:
+    """random_result packed in the method's "binary" layout, or with nm = "N:M" in "binary_nm" (random N:M
+    positions, the same binary scheme on the kept weights)."""
+    res = random_result(n, k, method, cgb, blocksize, seed=seed)
+    if nm is None:
+        return pack_linear(res, scheme_for(method, cgb), scale_dtype)
+    kept, m = (int(v) for v in nm.split(":"))
+    sc = scheme_for(method, cgb)
+    params = {"rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb, "blocksize": blocksize,
+              "n": kept, "m": m}
+    keep = random_keep(n, k, kept, m, torch.Generator().manual_seed(seed + 1))
+    return nm_layout.pack(nm_layout.NMResult(res, keep, kept, m), params, scale_dtype)
 
 
 def stats(ts: list[float]) -> dict:
@@ -86,18 +112,19 @@ def interleaved(ops: tuple[Op, Op], repeats: int, warmup: int, timer: Callable[[
 def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
                 batches: tuple[int, ...] = (1, 128), repeats: int = 21, warmup: int = 5, backend: str = "cpu",
                 cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "lut",
-                seed: int = 0) -> dict:
+                seed: int = 0, nm: str | None = None) -> dict:
     """Time x [b, K] @ Wᵀ, dense fp32 torch.matmul vs BinaryLinear, for each batch b; returns a dict.
 
     clock "thread" (CPU time of the calling thread) is immune to other processes on a shared machine
-    but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend.
+    but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend (binary_nm
+    has no table lookup: lut runs its fp32 masked-add kernel). nm: "N:M" times the binary_nm layout.
     """
     now = CLOCKS[clock]
     old_lanes = os.environ.get("ARBQ_CPU_LANES")
     os.environ["ARBQ_CPU_LANES"] = lanes
     try:
         return _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now,
-                      seed, extra={"clock": clock, "lanes": lanes})
+                      seed, nm, extra={"clock": clock, "lanes": lanes})
     finally:
         if old_lanes is None:
             os.environ.pop("ARBQ_CPU_LANES", None)
@@ -105,17 +132,17 @@ def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtyp
             os.environ["ARBQ_CPU_LANES"] = old_lanes
 
 
-def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now, seed,
+def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now, seed, nm,
            extra: dict) -> dict:
-    res = random_result(n, k, method, cgb, seed=seed)
-    packed = pack_linear(res, scheme_for(method, cgb), scale_dtype)
+    packed = random_packed(n, k, method, cgb, scale_dtype, nm, seed=seed)
     bits = sum(packed.spec.formula_bits().values()) / (n * k)
     w = BinaryLinear.from_packed(packed).dequantize()   # the packed weights (scales as stored)
     copies = max(1, math.ceil(llc_bytes / w.numel() / 4)) if cold else 1
     dense = [w.clone() for _ in range(copies)]
-    layers = [BinaryLinear.from_packed(pack_linear(res, scheme_for(method, cgb), scale_dtype), backend=backend)
-              for _ in range(copies)]
-    out = {"shape": [n, k], "method": method, "cgb": cgb, "scale_dtype": scale_dtype, "backend": backend,
+    layers = [BinaryLinear.from_packed(PackedLinear(packed.spec, {key: t.clone() for key, t in packed.tensors.items()}),
+                                       backend=backend) for _ in range(copies)]
+    out = {"shape": [n, k], "method": method, "cgb": cgb, "nm": nm, "layout": packed.spec.layout,
+           "scale_dtype": scale_dtype, "backend": backend,
            "threads": torch.get_num_threads(), **extra, "mode": "cold" if cold else "hot",
            "bits_per_weight": bits,
            "ceiling_vs_fp32": 32 / bits, "batches": {}}

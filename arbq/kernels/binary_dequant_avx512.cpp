@@ -2,7 +2,8 @@
 // `#if ARBQ_AVX512`, in its namespace, after binary_gemv_avx512.cpp whose helpers it uses).
 
 // Rows r0:r1 of W (fp32) for the batched path: every column from the planes with kind-0 values, then
-// the salient columns overwritten (scatter) from the aligned salient words with kind-1 values.
+// the salient columns overwritten (scatter) from the aligned salient words with kind-1 values. binary_nm:
+// the compact rows expanded first (dense_rows), kept columns only (pruned ones stored as 0).
 void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
   const int64_t K = a.K, kp = (K + 15) / 16 * 16, sw = 16 * a.W, nch = kp / 16, nfull = a.Kb / 2;
   std::vector<float> cs(a.rc ? 6 * kp + 4 * sw : 0, 0.f);    // padded cs(0,0), cs(1,0); salient cs (g, o)
@@ -19,9 +20,11 @@ void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
   alignas(64) int32_t ln[NSLOT];
   for (int s = 0; s < NSLOT; ++s) ln[s] = a.pos[s];
   at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> buf(a.nm ? 2 * a.Kb : 0);
     for (int64_t i = b; i < e; ++i) {
       float* o = out + (i - r0) * K;
-      const uint8_t *s1 = a.s1 + i * a.Kb, *gr = a.grp_on ? a.grp + i * a.Kb : nullptr;
+      const uint8_t *s1, *gr, *kp8 = a.nm ? a.keep + i * a.Kb : nullptr;
+      dense_rows(a, i, buf.data(), &s1, &gr);
       for (int64_t t = 0; t < a.T; ++t) {
         const __m512 v = _mm512_mul_ps(load_vals_vec(a, i, t), _mm512_set1_ps(a.vscale));
         auto lane = [&](int s) { return _mm512_permutexvar_ps(_mm512_set1_epi32(ln[s]), v); };
@@ -35,6 +38,7 @@ void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
           if (a.rc) w = _mm512_mul_ps(w, _mm512_mask_blend_ps(mg, _mm512_loadu_ps(cs0 + 16 * c), _mm512_loadu_ps(cs1 + 16 * c)));
           w = _mm512_mask_sub_ps(w, _knot_mask16(ms), _mm512_setzero_ps(), w);
           if (!a.rc) w = _mm512_add_ps(w, _mm512_mask_blend_ps(mg, m00, m01));
+          if (a.nm) w = _mm512_maskz_mov_ps(tail ? _cvtu32_mask16(kp8[2 * c]) : word16(kp8 + 2 * c), w);
           const int64_t left = K - 16 * c;
           _mm512_mask_storeu_ps(o + 16 * c, _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u), w);
         }
@@ -53,7 +57,9 @@ void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
                                      _mm512_mask_sub_ps(w2, _knot_mask16(m2), _mm512_setzero_ps(), w2));
           if (!a.rc) val = _mm512_add_ps(val, _mm512_mask_blend_ps(mg, m10, m11));
           const __m512i idx = _mm512_loadu_si512(scol.data() + 16 * w);
-          _mm512_mask_i32scatter_ps(o, _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512()), idx, val, 4);
+          __mmask16 put = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+          if (a.nm) put = _kand_mask16(put, word16(a.kw + i * 2 * a.W + 2 * w));
+          _mm512_mask_i32scatter_ps(o, put, idx, val, 4);
         }
       }
     }

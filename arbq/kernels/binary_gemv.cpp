@@ -14,6 +14,12 @@
 //          row-invariant terms (block sums of x for the means) enter through one FMA with a per-block
 //          lane vector; one horizontal reduction per row, never per block.
 //
+// binary_nm (arbq.packed.nm): the sign and group planes hold only the kept positions' bits ([N, Lb] compact
+// rows); each row is expanded into a per-thread scratch row by the occupancy plane keep [N, Kb]
+// (expand_row: one pdep per 64 columns), pruned bits 0. Every sum that pass 1 takes over all columns (P0,
+// and the means' / TZ's sum of x, per row here: XK) is masked by keep, and so are pass 2's (S1a, S2a, SXK,
+// from keep words aligned like the salient words), so pruned positions contribute exactly 0.
+//
 // Padding lanes of x and padding bits are zero, so no tail masks are needed. Rows are split across
 // threads (at::parallel_for, OpenMP); R rows share every x load. Loading a mask costs a p5 uop like the
 // add itself, so fewer masks per column (fp16 lanes: 32 columns per mask) is what makes it faster.
@@ -36,6 +42,9 @@
 #define ARBQ_AVX512 1
 #else
 #define ARBQ_AVX512 0
+#endif
+#if defined(__BMI2__) && !ARBQ_AVX512
+#include <immintrin.h>
 #endif
 #if ARBQ_AVX512 && defined(__AVX512FP16__)
 #define ARBQ_FP16 1
@@ -61,6 +70,10 @@ struct Layer {
   int pos[NSLOT];                   // slot -> lane of the row-block value vector (kZeroLane if unused)
   const float* cs;                  // [4, K] column scales, index 2g + o (RC only)
   bool rc, grp_on, cgb, sal;
+  bool nm;                          // binary_nm: s1 / grp are compact [N, Lb] rows, expanded by keep
+  int64_t Lb;                       // bytes per row of s1 / grp (Kb unless nm)
+  const uint8_t *keep, *kw;         // [N, Kb] occupancy plane; [N, 2W] its salient bits aligned like s1w
+  int step;                         // binary_nm: compact bits per 64 columns if m divides 64, else 0
 };
 
 float fp8_lut[256];
@@ -88,13 +101,99 @@ inline void load_vals(const Layer& a, int64_t i, int64_t t, float* dst) {
 
 inline int bit_at(const uint8_t* row, int64_t j) { return (row[j >> 3] >> (j & 7)) & 1; }
 
+// ---------------------------------------------------------------- binary_nm: compact rows -> dense rows
+
+inline uint64_t load_bytes(const uint8_t* p, int64_t avail) {   // up to 8 bytes, little endian
+  uint64_t v = 0;
+  if (avail >= 8) std::memcpy(&v, p, 8);
+  else if (avail > 0) std::memcpy(&v, p, static_cast<size_t>(avail));
+  return v;
+}
+
+// The low popcount(mask) bits of `bits` placed at the set bits of mask, in order (BMI2 pdep).
+inline uint64_t deposit(uint64_t bits, uint64_t mask) {
+#if defined(__BMI2__)
+  return _pdep_u64(bits, mask);
+#else
+  uint64_t out = 0;
+  for (uint64_t b = 1; mask; b <<= 1, mask &= mask - 1)
+    if (bits & b) out |= mask & (~mask + 1);
+  return out;
+#endif
+}
+
+// Dense row dst [Kb] of a compact row src [Lb] (the kept columns' bits in column order, LSB first) by the
+// occupancy row keep [Kb]: 0 at pruned columns. step: bits of src per 64 columns when every 64 columns keep
+// the same number (m divides 64: 64 n / m, for m = 8 exactly n bytes), else 0 (counted from keep, serially);
+// full: 64-column words wholly inside K (K / 64: only full runs of m there, since m divides 64).
+inline void expand_row(const uint8_t* src, int64_t Lb, const uint8_t* keep, int64_t Kb, uint8_t* dst, int step,
+                       int64_t full) {
+  int64_t off = 0, b = 0;                           // bits of src used so far; columns / 8 done
+  if (step > 0 && 8 * Lb >= 72) {                  // independent iterations: offsets known in advance
+    const int64_t words = std::min(full, (8 * Lb - 72) / step + 1);   // (off >> 3) + 9 <= Lb for each
+    for (int64_t w = 0; w < words; ++w) {
+      uint64_t km, bits;
+      const int64_t o = w * step;
+      std::memcpy(&km, keep + 8 * w, 8);
+      std::memcpy(&bits, src + (o >> 3), 8);
+      const int sh = static_cast<int>(o & 7);
+      if (sh) bits = (bits >> sh) | (static_cast<uint64_t>(src[(o >> 3) + 8]) << (64 - sh));
+      const uint64_t d = deposit(bits, km);
+      std::memcpy(dst + 8 * w, &d, 8);
+    }
+    b = 8 * words;
+    off = b / 8 * step;
+  }
+  for (; b + 8 <= Kb && (off >> 3) + 9 <= Lb; b += 8) {   // 64 columns, fixed-size loads (no bounds)
+    uint64_t km, bits;
+    std::memcpy(&km, keep + b, 8);
+    std::memcpy(&bits, src + (off >> 3), 8);
+    const int sh = static_cast<int>(off & 7);       // always 0 for m = 8
+    if (sh) bits = (bits >> sh) | (static_cast<uint64_t>(src[(off >> 3) + 8]) << (64 - sh));
+    const uint64_t d = deposit(bits, km);
+    std::memcpy(dst + b, &d, 8);
+    off += __builtin_popcountll(km);
+  }
+  for (; b < Kb; b += 8) {                          // the row's last bytes
+    const int64_t nb = std::min<int64_t>(8, Kb - b);
+    const uint64_t km = load_bytes(keep + b, nb);
+    const int cnt = __builtin_popcountll(km);
+    const int64_t byte = off >> 3;
+    const int sh = static_cast<int>(off & 7);
+    uint64_t bits = load_bytes(src + byte, Lb - byte) >> sh;
+    if (sh && sh + cnt > 64 && byte + 8 < Lb) bits |= static_cast<uint64_t>(src[byte + 8]) << (64 - sh);
+    const uint64_t d = deposit(bits, km);
+    for (int64_t q = 0; q < nb; ++q) dst[b + q] = static_cast<uint8_t>(d >> (8 * q));
+    off += cnt;
+  }
+}
+
+// Dense sign1 / group rows of row i: the planes' own rows, or (binary_nm) expanded into buf [2 Kb].
+inline void dense_rows(const Layer& a, int64_t i, uint8_t* buf, const uint8_t** s1, const uint8_t** g) {
+  if (!a.nm) {
+    *s1 = a.s1 + i * a.Kb;
+    *g = a.grp_on ? a.grp + i * a.Kb : nullptr;
+    return;
+  }
+  expand_row(a.s1 + i * a.Lb, a.Lb, a.keep + i * a.Kb, a.Kb, buf, a.step, a.K / 64);
+  *s1 = buf;
+  *g = nullptr;
+  if (a.grp_on) {
+    expand_row(a.grp + i * a.Lb, a.Lb, a.keep + i * a.Kb, a.Kb, buf + a.Kb, a.step, a.K / 64);
+    *g = buf + a.Kb;
+  }
+}
+
 // ---------------------------------------------------------------- scalar: any CPU, any block size
 
-// W[i, j] by the result equation; cidx[j] = compact index of a salient column, else -1.
-inline float weight_at(const Layer& a, int64_t i, int64_t j, const int32_t* cidx, const float* v) {
+// W[i, j] by the result equation from row i's dense planes s1r, gr (dense_rows); cidx[j] = compact index
+// of a salient column, else -1; 0 at a pruned position (binary_nm).
+inline float weight_at(const Layer& a, const uint8_t* s1r, const uint8_t* gr, int64_t i, int64_t j,
+                       const int32_t* cidx, const float* v) {
+  if (a.nm && !bit_at(a.keep + i * a.Kb, j)) return 0.f;
   const int k = cidx[j] >= 0;
-  const int g = a.grp_on ? bit_at(a.grp + i * a.Kb, j) : 0;
-  const float s1 = bit_at(a.s1 + i * a.Kb, j) ? 1.f : -1.f;
+  const int g = a.grp_on ? bit_at(gr, j) : 0;
+  const float s1 = bit_at(s1r, j) ? 1.f : -1.f;
   float w = v[a.pos[k ? (g ? A11_1 : A10_1) : (g ? A01 : A00)]] * (a.rc ? a.cs[2 * g * a.K + j] : 1.f) * s1;
   if (!a.rc) w += v[a.pos[k ? (g ? M11 : M10) : (g ? M01 : M00)]];
   if (k) {
@@ -107,25 +206,32 @@ inline float weight_at(const Layer& a, int64_t i, int64_t j, const int32_t* cidx
 void dequant_scalar(const Layer& a, const int32_t* cidx, int64_t r0, int64_t r1, float* out) {
   at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
     float v[16];
-    for (int64_t i = b; i < e; ++i)
+    std::vector<uint8_t> buf(a.nm ? 2 * a.Kb : 0);
+    const uint8_t *s1r, *gr;
+    for (int64_t i = b; i < e; ++i) {
+      dense_rows(a, i, buf.data(), &s1r, &gr);
       for (int64_t t = 0; t < a.T; ++t) {
         load_vals(a, i, t, v);
         for (int64_t r = 0; r < a.V; ++r) v[r] *= a.vscale;
         for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, a.K); ++j)
-          out[(i - r0) * a.K + j] = weight_at(a, i, j, cidx, v);
+          out[(i - r0) * a.K + j] = weight_at(a, s1r, gr, i, j, cidx, v);
       }
+    }
   });
 }
 
 void gemv_scalar(const Layer& a, const int32_t* cidx, const float* x, float* y) {
   at::parallel_for(0, a.N, 1, [&](int64_t b, int64_t e) {
     float v[16];
+    std::vector<uint8_t> buf(a.nm ? 2 * a.Kb : 0);
+    const uint8_t *s1r, *gr;
     for (int64_t i = b; i < e; ++i) {
+      dense_rows(a, i, buf.data(), &s1r, &gr);
       double acc = 0;
       for (int64_t t = 0; t < a.T; ++t) {
         load_vals(a, i, t, v);
         float blk = 0;
-        for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, a.K); ++j) blk += weight_at(a, i, j, cidx, v) * x[j];
+        for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, a.K); ++j) blk += weight_at(a, s1r, gr, i, j, cidx, v) * x[j];
         acc += blk;
       }
       y[i] = static_cast<float>(acc) * a.vscale;
@@ -147,15 +253,32 @@ const T* ptr(const torch::Tensor& t) { return t.numel() ? static_cast<const T*>(
 
 Layer make_layer(const std::vector<torch::Tensor>& ts, double vscale, int64_t K, int64_t B,
                  const std::vector<bool>& flags) {
-  // ts: sign1, group, s1w, gw, s2w, sign2, woff, spos, sidx, values, pos, cs
-  TORCH_CHECK(ts.size() == 12 && flags.size() == 4, "arbq: bad kernel arguments");
+  // ts: sign1, group, s1w, gw, s2w, sign2, woff, spos, sidx, values, pos, cs (+ keep, kw, nm = [n, m] int32
+  // for binary_nm);
+  // flags: rc, group, cgb, salient (+ nm)
+  const bool nm = flags.size() == 5 && flags[4];
+  TORCH_CHECK(ts.size() == (nm ? 15u : 12u) && (flags.size() == 4 || flags.size() == 5), "arbq: bad kernel arguments");
   const auto &sign1 = ts[0], &s1w = ts[2], &sign2 = ts[5], &vals = ts[9], &pos = ts[10];
   for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
   TORCH_CHECK(sign1.scalar_type() == torch::kUInt8 && sign1.dim() == 2, "sign1: uint8 [N, Kb]");
   TORCH_CHECK(vals.dim() == 3 && vals.size(2) <= 10 && pos.numel() == NSLOT, "values: [N, T, V<=10]");
   Layer a{};
-  a.N = sign1.size(0); a.K = K; a.B = B; a.T = (K + B - 1) / B; a.Kb = sign1.size(1); a.V = vals.size(2);
+  a.N = sign1.size(0); a.K = K; a.B = B; a.T = (K + B - 1) / B; a.Lb = sign1.size(1); a.V = vals.size(2);
+  a.nm = nm;
+  a.Kb = nm ? ts[12].size(1) : a.Lb;
   TORCH_CHECK(a.Kb == (K + 7) / 8 && vals.size(0) == a.N && vals.size(1) == a.T, "arbq: packed shapes disagree");
+  if (nm) {
+    TORCH_CHECK(ts[12].scalar_type() == torch::kUInt8 && ts[12].dim() == 2 && ts[12].size(0) == a.N &&
+                a.Lb <= a.Kb && (ts[1].numel() == 0 || ts[1].size(1) == a.Lb), "arbq: binary_nm planes disagree");
+    a.keep = ts[12].data_ptr<uint8_t>();
+    a.kw = ptr<uint8_t>(ts[13]);
+    TORCH_CHECK(ts[14].scalar_type() == torch::kInt && ts[14].numel() == 2, "arbq: binary_nm n:m must be int32 [2]");
+    const int n_keep = ts[14].data_ptr<int32_t>()[0], m = ts[14].data_ptr<int32_t>()[1];
+    TORCH_CHECK(1 <= n_keep && n_keep <= m && m <= 64, "arbq: bad binary_nm n:m");
+    a.step = 64 % m == 0 ? 64 / m * n_keep : 0;
+    TORCH_CHECK(!a.sal || (ts[13].dim() == 2 && ts[13].size(0) == a.N && ts[13].size(1) == s1w.size(1)),
+                "arbq: binary_nm keep words disagree with the salient words");
+  }
   a.rc = flags[0]; a.grp_on = flags[1]; a.cgb = flags[2]; a.sal = flags[3];
   a.s1 = sign1.data_ptr<uint8_t>();
   a.grp = ptr<uint8_t>(ts[1]); a.s1w = ptr<uint8_t>(s1w); a.gw = ptr<uint8_t>(ts[3]); a.s2w = ptr<uint8_t>(ts[4]);

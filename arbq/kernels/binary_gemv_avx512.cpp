@@ -87,15 +87,30 @@ inline typename L::M chunk_mask(const uint8_t* row, int64_t c, int64_t kb) {
 //     SXg = sum_g x; the kind-1 value minus the kind-0 one (dv) corrects what pass 1 counted.
 // Without a group bit (sign) pass 1 uses A = sum_{s1} z00: sum s1 z00 = 2A - TZ. Row-invariant terms
 // (TX, TZ, TSX) are in c.coef.
-template <class L, int R, bool RC, bool GRP, bool CGB, bool SAL>
-void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
+// NM (binary_nm): sign / group rows expanded into scratch [2 R Kb] first; P0 and, for the means (!RC) or TZ
+// (!GRP), XK = sum_keep x are masked by the keep row (pruned bits are 0 in the expanded planes, so every
+// g- or s-masked sum already excludes them); pass 2 masks S1a, S2a, SXK = sum_{keep, salient} x by the
+// aligned keep words. The row-invariant means / TZ terms of c.coef are 0 then; they enter per row here.
+template <class L, int R, bool RC, bool GRP, bool CGB, bool SAL, bool NM>
+void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out, uint8_t* scratch) {
+  constexpr bool XSUM = NM && (!RC || !GRP);
   __m512 y[R];
-  const uint8_t *s1r[R], *gr[R], *s1w[R], *gw[R], *s2w[R];
+  const uint8_t *s1r[R], *gr[R], *s1w[R], *gw[R], *s2w[R], *kr[R], *kw[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     y[r] = _mm512_setzero_ps();
-    s1r[r] = a.s1 + (i0 + r) * a.Kb;
-    gr[r] = GRP ? a.grp + (i0 + r) * a.Kb : nullptr;
+    if constexpr (NM) {
+      kr[r] = a.keep + (i0 + r) * a.Kb;
+      kw[r] = SAL ? a.kw + (i0 + r) * 2 * a.W : nullptr;
+      expand_row(a.s1 + (i0 + r) * a.Lb, a.Lb, kr[r], a.Kb, scratch + r * a.Kb, a.step, a.K / 64);
+      s1r[r] = scratch + r * a.Kb;
+      if (GRP) expand_row(a.grp + (i0 + r) * a.Lb, a.Lb, kr[r], a.Kb, scratch + (R + r) * a.Kb, a.step, a.K / 64);
+      gr[r] = GRP ? scratch + (R + r) * a.Kb : nullptr;
+    } else {
+      kr[r] = kw[r] = nullptr;
+      s1r[r] = a.s1 + (i0 + r) * a.Kb;
+      gr[r] = GRP ? a.grp + (i0 + r) * a.Kb : nullptr;
+    }
     s1w[r] = SAL ? a.s1w + (i0 + r) * 2 * a.W : nullptr;
     gw[r] = CGB ? a.gw + (i0 + r) * 2 * a.W : nullptr;
     s2w[r] = SAL ? a.s2w + (i0 + r) * 2 * a.W : nullptr;
@@ -103,9 +118,9 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
   const int64_t cpb = a.B / L::kCols, nch = (a.K + L::kCols - 1) / L::kCols, nfull = a.Kb / (L::kCols / 8);
   for (int64_t t = 0; t < a.T; ++t) {
     // ---- pass 1
-    typename L::V P0[R], P0g[R], P1g[R], Xg[R];
+    typename L::V P0[R], P0g[R], P1g[R], Xg[R], XK[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) P0[r] = P0g[r] = P1g[r] = Xg[r] = L::zero();
+    for (int r = 0; r < R; ++r) P0[r] = P0g[r] = P1g[r] = Xg[r] = XK[r] = L::zero();
     const int64_t c0 = t * cpb, c1 = std::min(c0 + cpb, nch);
     auto chunk = [&](int64_t ci, auto tail) {
       constexpr bool kTail = decltype(tail)::value;
@@ -113,10 +128,13 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const typename L::M ms = chunk_mask<L, kTail>(s1r[r], ci, a.Kb);
+        typename L::M mk{};
+        if constexpr (NM) mk = chunk_mask<L, kTail>(kr[r], ci, a.Kb);
+        if constexpr (XSUM) XK[r] = L::add(XK[r], mk, z0);
         if (!GRP) { P0[r] = L::add(P0[r], ms, z0); continue; }
         const typename L::M mg = chunk_mask<L, kTail>(gr[r], ci, a.Kb);
         const typename L::V t0 = L::neg(z0, ms), t1 = RC ? L::neg(z1, ms) : t0;
-        P0[r] = L::add(P0[r], t0);
+        P0[r] = NM ? L::add(P0[r], mk, t0) : L::add(P0[r], t0);
         P1g[r] = L::add(P1g[r], mg, t1);
         if (RC) P0g[r] = L::add(P0g[r], mg, t0);
         else Xg[r] = L::add(Xg[r], mg, z0);
@@ -129,7 +147,12 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       vals[r] = load_vals_vec(a, i0 + r, t);
-      if (!RC || !GRP) y[r] = _mm512_fmadd_ps(vals[r], coef, y[r]);  // every row-invariant term (means, TZ)
+      if (!NM && (!RC || !GRP)) y[r] = _mm512_fmadd_ps(vals[r], coef, y[r]);  // row-invariant terms (means, TZ)
+      if constexpr (XSUM) {   // binary_nm: mu00 sum_keep x (means), - a00 sum_keep z (sign trick without groups)
+        __m512 cf = RC ? _mm512_setzero_ps() : bc(c.m00, vals[r]);
+        if (!GRP) cf = _mm512_sub_ps(cf, bc(c.a00, vals[r]));
+        y[r] = _mm512_fmadd_ps(cf, L::f32(XK[r]), y[r]);
+      }
 #if ARBQ_FP16
       if constexpr (L::kCols == 32) {  // fp16 lanes: values applied in fp16, one conversion per row-block
         alignas(64) _Float16 vbuf[16];
@@ -161,9 +184,9 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
     // ---- pass 2: salient columns of block t, 16 per word
     const int64_t w0 = a.woff[t], w1 = a.woff[t + 1];
     if (w1 == w0) continue;
-    __m512 S1a[R], S1g[R], S2a[R], S2g[R], SXg[R];
+    __m512 S1a[R], S1g[R], S2a[R], S2g[R], SXg[R], SXK[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) S1a[r] = S1g[r] = S2a[r] = S2g[r] = SXg[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) S1a[r] = S1g[r] = S2a[r] = S2g[r] = SXg[r] = SXK[r] = _mm512_setzero_ps();
     for (int64_t w = w0; w < w1; ++w) {
       const __m512 x00 = _mm512_loadu_ps((RC ? c.zs00 : c.xs) + 16 * w);
       const __m512 x01 = RC ? _mm512_loadu_ps(c.zs01 + 16 * w) : x00;
@@ -176,8 +199,15 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
         const __m512 z1 = CGB && RC ? _mm512_mask_blend_ps(mg, x00, x10) : x00;
         const __m512 z2 = CGB && RC ? _mm512_mask_blend_ps(mg, x01, x11) : x01;
         const __m512 u1 = F32::neg(z1, m1), u2 = F32::neg(z2, m2);
-        S1a[r] = _mm512_add_ps(S1a[r], u1);
-        S2a[r] = _mm512_add_ps(S2a[r], u2);
+        if constexpr (NM) {
+          const __mmask16 mk = word16(kw[r] + 2 * w);
+          S1a[r] = madd(S1a[r], mk, u1);
+          S2a[r] = madd(S2a[r], mk, u2);
+          if (!RC) SXK[r] = madd(SXK[r], mk, x00);
+        } else {
+          S1a[r] = _mm512_add_ps(S1a[r], u1);
+          S2a[r] = _mm512_add_ps(S2a[r], u2);
+        }
         if (CGB) {
           S1g[r] = madd(S1g[r], mg, u1);
           S2g[r] = madd(S2g[r], mg, u2);
@@ -194,6 +224,7 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
       _mm512_store_ps(d, _mm512_sub_ps(vals[r], bc(c.diff, vals[r])));
       y[r] = _mm512_fmadd_ps(_mm512_set1_ps(d[a.pos[A10_1]]), _mm512_sub_ps(S1g[r], S1a[r]), y[r]);
       y[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[a.pos[A10_2]]), _mm512_sub_ps(S2g[r], S2a[r]), y[r]);
+      if (NM && !RC) y[r] = _mm512_fmadd_ps(_mm512_set1_ps(d[a.pos[M10]]), SXK[r], y[r]);  // (mu10 - mu00) sum
       if (CGB) {
         y[r] = _mm512_fnmadd_ps(_mm512_set1_ps(d[a.pos[A11_1]]), S1g[r], y[r]);
         y[r] = _mm512_fnmadd_ps(_mm512_set1_ps(v[a.pos[A11_2]]), S2g[r], y[r]);
@@ -205,26 +236,33 @@ void rows_kernel(const Layer& a, const Call& c, int64_t i0, float* y_out) {
   for (int r = 0; r < R; ++r) y_out[i0 + r] = _mm512_reduce_add_ps(y[r]) * a.vscale;
 }
 
-template <class L, bool RC, bool GRP, bool CGB, bool SAL>
+template <class L, bool RC, bool GRP, bool CGB, bool SAL, bool NM>
 void gemv_rows(const Layer& a, const Call& c, float* y) {
   constexpr int R = 4;
   const int64_t groups = a.N / R;
   at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) rows_kernel<L, R, RC, GRP, CGB, SAL>(a, c, g * R, y);
+    std::vector<uint8_t> scratch(NM ? 2 * R * a.Kb : 0);    // expanded sign / group rows (binary_nm)
+    for (int64_t g = b; g < e; ++g) rows_kernel<L, R, RC, GRP, CGB, SAL, NM>(a, c, g * R, y, scratch.data());
   });
-  for (int64_t i = groups * R; i < a.N; ++i) rows_kernel<L, 1, RC, GRP, CGB, SAL>(a, c, i, y);
+  std::vector<uint8_t> scratch(NM ? 2 * a.Kb : 0);
+  for (int64_t i = groups * R; i < a.N; ++i) rows_kernel<L, 1, RC, GRP, CGB, SAL, NM>(a, c, i, y, scratch.data());
+}
+
+template <class L, bool NM>
+void gemv_schemes(const Layer& a, const Call& c, float* y) {
+  if (!a.sal) {
+    TORCH_CHECK(!a.grp_on && !a.rc, "arbq: unsupported scheme without salient columns");
+    gemv_rows<L, false, false, false, false, NM>(a, c, y);
+  } else if (a.rc) {
+    a.cgb ? gemv_rows<L, true, true, true, true, NM>(a, c, y) : gemv_rows<L, true, true, false, true, NM>(a, c, y);
+  } else {
+    a.cgb ? gemv_rows<L, false, true, true, true, NM>(a, c, y) : gemv_rows<L, false, true, false, true, NM>(a, c, y);
+  }
 }
 
 template <class L>
 void gemv_dispatch(const Layer& a, const Call& c, float* y) {
-  if (!a.sal) {
-    TORCH_CHECK(!a.grp_on && !a.rc, "arbq: unsupported scheme without salient columns");
-    gemv_rows<L, false, false, false, false>(a, c, y);
-  } else if (a.rc) {
-    a.cgb ? gemv_rows<L, true, true, true, true>(a, c, y) : gemv_rows<L, true, true, false, true>(a, c, y);
-  } else {
-    a.cgb ? gemv_rows<L, false, true, true, true>(a, c, y) : gemv_rows<L, false, true, false, true>(a, c, y);
-  }
+  a.nm ? gemv_schemes<L, true>(a, c, y) : gemv_schemes<L, false>(a, c, y);
 }
 
 // Per-call preparation of one x row, then the rows. mode 2: pass 1 in fp16 lanes when x's range allows;
@@ -261,6 +299,7 @@ void gemv_avx512(const Layer& a, const float* x, float* y, int64_t mode) {
     for (int64_t j = t * a.B; j < std::min((t + 1) * a.B, K); ++j) { tx += a.rc ? x[j] : z00[j]; tz += z00[j]; }
     for (int64_t q = 16 * a.woff[t]; q < 16 * a.woff[t + 1]; ++q) tsx += xs0[q];
     float* cf = coef.data() + 16 * t;
+    if (a.nm) continue;              // binary_nm: these sums are per row (keep), taken in rows_kernel
     if (!a.grp_on) cf[a.pos[A00]] -= tz;
     if (!a.rc) { cf[a.pos[M00]] += tx - tsx; if (a.sal) cf[a.pos[M10]] += tsx; }
     cf[kZeroLane] = 0.f;

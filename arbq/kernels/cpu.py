@@ -9,6 +9,11 @@ built library's sha256 is kept next to it (`<name>.so.sha256`) and checked befor
 without a matching hash is rebuilt. If the build fails (no compiler, no ninja, timeout) the backend
 reports itself unsupported with one warning line and BinaryLinear falls back to the torch backend.
 
+Layouts: "binary" and "binary_nm" (arbq.packed.nm, any n:m): the kernel reads binary_nm's compacted sign /
+group planes and its occupancy plane as stored, expanding each row in per-thread scratch (one pdep per 64
+columns); pruned positions contribute exactly 0. Table lookup (ARBQ_CPU_LANES=lut) is for "binary" only,
+binary_nm uses the fp32 masked-add kernel at batch 1 (fp16 lanes with ARBQ_CPU_LANES=fp16).
+
 Batch M < BATCH_TILE: the kernel loops over x rows (memory-bound decode). M >= BATCH_TILE: rows of Ŵ
 are dequantized TILE_ROWS at a time by the kernel and multiplied with torch.matmul (compute-bound
 prefill).
@@ -30,9 +35,10 @@ import torch
 
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
+from arbq.packed.nm import KEEP, expand_plane
 
 NAME = "cpu"
-LAYOUTS = ("binary",)
+LAYOUTS = ("binary", "binary_nm")
 BATCH_TILE = 8
 TILE_ROWS = 256
 SOURCE = Path(__file__).with_name("binary_gemv.cpp")
@@ -198,12 +204,24 @@ def _columns(plane: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return ((plane[:, cols // 8] >> (cols % 8).to(torch.uint8)) & 1).bool()
 
 
+def _salient_bits(p: PackedLinear, name: str, cols: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """bool [N, len(cols)]: the bits of plane `name` at the given columns; binary_nm's compacted planes are
+    expanded `rows` rows at a time ("keep": the occupancy plane's own bits)."""
+    if p.spec.layout != "binary_nm" or name == KEEP:
+        return _columns(p[name], cols)
+    n, k = p.spec.out_features, p.spec.in_features
+    parts = [expand_plane(p[name][r:r + rows], unpack_bits(p[KEEP][r:r + rows], k))[:, cols] for r in range(0, n, rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, len(cols), dtype=torch.bool)
+
+
 def prepare(p: PackedLinear) -> dict:
     """Per-layer derived tensors (built once, cached on the module).
 
     Salient bits of sign1, group and sign2 are regrouped per block into 16-bit words (block t owns
     words woff[t]:woff[t+1]; salient column p of the block sits at bit spos[p] of that range), so the
-    kernel's salient pass loads whole masks without per-lane limits.
+    kernel's salient pass loads whole masks without per-lane limits. binary_nm: the same words from the
+    expanded planes, plus the keep bits of the salient columns (kw); the planes themselves are passed as
+    stored (compact sign1 / group [N, ceil(L/8)], keep [N, ceil(K/8)]).
     """
     spec, sc = p.spec, p.spec.scheme
     n, k, s, bs = spec.out_features, spec.in_features, spec.n_salient, spec.blocksize
@@ -219,18 +237,22 @@ def prepare(p: PackedLinear) -> dict:
     empty = torch.zeros(0, dtype=torch.uint8)
     s1w = gw = s2w = torch.zeros(n, 0, dtype=torch.uint8)
     if sc.salient:
-        s1w = _aligned_words(_columns(p["sign1"], sidx), spos, n_words)
+        s1w = _aligned_words(_salient_bits(p, "sign1", sidx), spos, n_words)
         s2w = _aligned_words(unpack_bits(p["sign2"], s), spos, n_words)
         if sc.cgb:
-            gw = _aligned_words(_columns(p["group"], sidx), spos, n_words)
+            gw = _aligned_words(_salient_bits(p, "group", sidx), spos, n_words)
     pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(p).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
     tensors = [p["sign1"], p["group"] if sc.group else empty, s1w, gw, s2w,
                p["sign2"] if sc.salient else empty, woff.to(torch.int32), spos.to(torch.int32),
                sidx.to(torch.int32), p["values"], pos, cs]
+    flags = [sc.rc, sc.group, sc.cgb, sc.salient]
+    if spec.layout == "binary_nm":
+        kw = _aligned_words(_salient_bits(p, KEEP, sidx), spos, n_words) if sc.salient else s1w
+        tensors += [p[KEEP], kw, torch.tensor([spec.n, spec.m], dtype=torch.int32)]
+        flags.append(True)
     vscale = float(p["values_scale"]) if "values_scale" in p.tensors else 1.0
-    return dict(tensors=[t.contiguous() for t in tensors], vscale=vscale,
-                flags=[sc.rc, sc.group, sc.cgb, sc.salient])
+    return dict(tensors=[t.contiguous() for t in tensors], vscale=vscale, flags=flags)
 
 
 def prepare_lut(p: PackedLinear) -> dict:
@@ -277,7 +299,8 @@ def prepare_lut(p: PackedLinear) -> dict:
 
 def lut_supported(p: PackedLinear) -> bool:
     sc = p.spec.scheme
-    return sc.group and sc.salient and p.spec.blocksize % 4 == 0 and hasattr(extension(), "gemv_lut")
+    return (p.spec.layout == "binary" and sc.group and sc.salient and p.spec.blocksize % 4 == 0
+            and hasattr(extension(), "gemv_lut"))
 
 
 def _mode() -> int:

@@ -7,7 +7,8 @@ kernels declare the layouts they run (arbq.kernels), the torch backend runs them
 
     binary   arbq.packed.format / codec: sign planes, group bits, salient columns, row/column scales
     uniform  arbq.packed.uniform: asymmetric k-bit codes per column group (the GPTQ baseline)
-    binary_nm  arbq.packed.nm: N:M-pruned binary weights (PBS²P / STBLLM): the binary tensors plus an occupancy plane
+    binary_nm  arbq.packed.nm: N:M-pruned binary weights (PBS²P / STBLLM): an occupancy plane, sign and group
+               planes compacted to the kept positions, the binary layout's other tensors
 """
 
 from __future__ import annotations

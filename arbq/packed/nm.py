@@ -7,31 +7,36 @@ With keep[i, j] ∈ {0, 1}:
 
     Ŵ[i, j] = keep[i, j] · Ŵ_binary[i, j]          (exact zeros at pruned positions)
 
-Packed tensors of one linear: every tensor of the "binary" layout (arbq.packed.format: sign1, group, salient,
-sign2, values, colscale_ns, colscale_sal, *_scale), unchanged, plus
+Every row keeps exactly L = n·⌊K/m⌋ + min(n, K mod m) weights. Packed tensors of one linear (bit planes LSB
+first along their last dimension, like every plane of arbq.packed.format):
 
-    keep    uint8 [N, ceil(K/8)]   occupancy plane (1 = kept), packed along K, LSB first like the sign planes
+    keep    uint8 [N, ceil(K/8)]   occupancy plane (1 = kept), one bit per column
+    sign1   uint8 [N, ceil(L/8)]   compacted: the first sign bits of the row's kept columns, in column order
+    group   uint8 [N, ceil(L/8)]   compacted the same way (schemes with a group bit)
+    salient, sign2, values, colscale_ns, colscale_sal, *_scale: as in the "binary" layout, unchanged (sign2
+            [N, ceil(S/8)] holds the second sign of every salient column, pruned or not: not compacted)
+
+Dense plane = expand(compact, keep): bit j of a row is the next compact bit where keep is 1, else 0. For m = 8
+every 64 columns (8 runs) take exactly n bytes of a compact row, so a kernel expands them with one
+`_pdep_u64(compact_bits, keep_bits)` per 64 columns (arbq/kernels/binary_gemv.cpp, expand_row).
 
 Params (`quantization_config.modules[name].params`): the binary layout's plus n and m (1 ≤ n ≤ m ≤ 16).
 
-Honest bits = the binary layout's formula (every plane full: sign, group bit, ...) + nm_positions 8·N·⌈K/8⌉.
-Signs and group bits at pruned positions are stored as the fit left them and counted honestly: this first
-version does not compact them. The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
+Honest bits = the binary layout's formula with sign = 8·N·⌈L/8⌉ and group_bit = 8·N·⌈L/8⌉ (when stored), plus
+nm_positions 8·N·⌈K/8⌉. The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
 
-    this layout (sign plane + occupancy plane)   8 + 8 = 16 bits  → 2.00 b/w for signs + positions, any n
-    bitmap + compacted signs                     8 + n bits       → 1.50 (4:8), 1.625 (5:8), 1.75 (6:8)
-    one joint code of C(8, n)·2^n ≤ 1792 states  11 bits          → 1.375 for every n
-    entropy bound log2 C(8, n) + n               10.13 / 10.81 / 10.81 bits → 1.27 / 1.35 / 1.35 (4:8 / 5:8 / 6:8)
+    this layout: bitmap + compacted signs (+ group bits)   8 + n (+ n) bits → signs + positions 1.50 (4:8),
+                                                            1.625 (5:8), 1.75 (6:8) b/w; group bits n/8 more
+    one joint code of C(8, n)·2^n ≤ 1792 states            11 bits → 1.375 b/w for every n (not built)
+    entropy bound log2 C(8, n) + n                         10.13 / 10.81 / 10.81 bits → 1.27 / 1.35 / 1.35
 
-(a compacted group-bit plane would save another (1 − n/m) b/w). Compaction is future work; until then an N:M
-linear stores the dense binary one's bits plus 8·⌈K/8⌉/K ≈ 1 bit/weight for positions. The papers'
-"0.55–0.80 bits" are `paper_bits`: n/m × (sign + residual bits), nothing for positions. Kernels: only the torch
-backend runs this layout (arbq.kernels; the C++ and Triton kernels declare LAYOUTS = ("binary",)).
+The papers' "0.55–0.80 bits" are `paper_bits`: n/m × (sign + residual bits), nothing for positions. Kernels:
+the torch backend (dequantize_rows) and the C++ CPU kernel (arbq.kernels.cpu) run this layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +49,7 @@ from arbq.packed.format import COMPONENTS, LinearSpec, Scheme, pack_bits, param,
 
 M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
+COMPACT = ("sign1", "group")   # planes stored compacted (kept positions only)
 ROWS = 1024                # rows per tile when checking a whole plane
 
 
@@ -56,6 +62,25 @@ def nm_counts_ok(keep: torch.Tensor, n: int, m: int) -> bool:
     if full and not bool((rows[:, :full].reshape(rows.shape[0], -1, m).sum(-1) == n).all()):
         return False
     return full == k or bool((rows[:, full:].sum(-1) == min(n, k - full)).all())
+
+
+def kept_per_row(k: int, n: int, m: int) -> int:
+    """L = n·⌊K/m⌋ + min(n, K mod m): weights every row of an n:m-pruned [N, K] matrix keeps."""
+    return n * (k // m) + min(n, k % m)
+
+
+def compact_plane(bits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """bool bits [R, K], keep [R, K] (every row the same count L of kept) -> uint8 [R, ceil(L/8)]: each row's
+    bits at kept positions, in column order, packed LSB first."""
+    return pack_bits(bits[keep].reshape(bits.shape[0], -1))
+
+
+def expand_plane(compact: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Inverse of compact_plane: uint8 [R, ceil(L/8)], keep bool [R, K] -> bool [R, K], False where pruned."""
+    rows = keep.shape[0]
+    dense = torch.zeros_like(keep)
+    dense[keep] = unpack_bits(compact, int(keep.sum()) // rows if rows else 0).reshape(-1)
+    return dense
 
 
 def _check_nm(n: Any, m: Any, name: str) -> None:
@@ -160,6 +185,11 @@ class NMSpec:
     def n_blocks(self) -> int:
         return self.binary.n_blocks
 
+    @property
+    def kept(self) -> int:
+        """L: weights kept per row (kept_per_row); the compacted planes are [N, ceil(L/8)]."""
+        return kept_per_row(self.in_features, self.n, self.m)
+
     def to_params(self) -> dict[str, Any]:
         return {**self.binary.to_params(), "n": self.n, "m": self.m}
 
@@ -172,14 +202,22 @@ class NMSpec:
         return cls.of(binary, n, m)
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """The binary layout's tensors plus the occupancy plane keep uint8 [N, ceil(K/8)]."""
-        return {**self.binary.tensor_shapes(),
-                KEEP: ((self.out_features, -(-self.in_features // 8)), torch.uint8)}
+        """The binary layout's tensors with sign1 (and group) compacted to uint8 [N, ceil(L/8)], plus the
+        occupancy plane keep uint8 [N, ceil(K/8)]."""
+        out = self.binary.tensor_shapes()
+        for name in COMPACT:
+            if name in out:
+                out[name] = ((self.out_features, -(-self.kept // 8)), torch.uint8)
+        return {**out, KEEP: ((self.out_features, -(-self.in_features // 8)), torch.uint8)}
 
     def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
-        """The binary layout's components (full planes) plus nm_positions 8·N·⌈K/8⌉."""
+        """The binary layout's components with sign (and group_bit) 8·N·⌈L/8⌉ (compacted planes), plus
+        nm_positions 8·N·⌈K/8⌉."""
         out = self.binary.formula_bits(bias_bits)
         bias = out.pop("bias")
+        compact = 8 * self.out_features * -(-self.kept // 8)
+        out["sign"] = compact
+        out["group_bit"] = compact if self.scheme.group else 0
         return {**out, "nm_positions": 8 * self.out_features * -(-self.in_features // 8), "bias": bias}
 
     def paper_bits(self) -> int:
@@ -195,9 +233,22 @@ class NMSpec:
         return f"layout=binary_nm, n:m={self.n}:{self.m}, " + self.binary.describe().removeprefix("layout=binary, ")
 
 
-def _binary_part(p: PackedLinear) -> PackedLinear:
-    """The binary layout's PackedLinear inside a "binary_nm" one (all tensors but the occupancy plane)."""
-    return PackedLinear(p.spec.binary, {k: t for k, t in p.tensors.items() if k != KEEP})
+ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)
+
+
+def _binary_rows(p: PackedLinear, r0: int, r1: int) -> PackedLinear:
+    """Rows r0:r1 as a "binary" layout PackedLinear with dense sign1/group planes (expanded, 0 where pruned)."""
+    spec = p.spec
+    keep = unpack_bits(p[KEEP][r0:r1], spec.in_features)
+    t = dict(p.tensors)
+    t.pop(KEEP)
+    for name in COMPACT:
+        if name in t:
+            t[name] = pack_bits(expand_plane(p[name][r0:r1], keep))
+    for name in ROW_TENSORS:
+        if name in t:
+            t[name] = t[name][r0:r1]
+    return PackedLinear(replace(spec.binary, out_features=r1 - r0), t)
 
 
 def check_representable(res: NMResult, scheme: Scheme, name: str, rows: int = ROWS) -> None:
@@ -230,21 +281,28 @@ def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") ->
     scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
     check_representable(res, scheme, name)
     p = codec.pack_linear(res.base, scheme, scale_dtype)
-    return PackedLinear(NMSpec.of(p.spec, res.n, res.m), {**p.tensors, KEEP: pack_bits(res.keep).contiguous()})
+    k = res.shape[1]
+    planes = {name: compact_plane(unpack_bits(p[name], k), res.keep).contiguous()
+              for name in COMPACT if name in p.tensors}
+    return PackedLinear(NMSpec.of(p.spec, res.n, res.m),
+                        {**p.tensors, **planes, KEEP: pack_bits(res.keep).contiguous()})
 
 
 def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows, zero where the occupancy plane says pruned."""
-    w = codec.unpack_rows(_binary_part(p), r0, r1).dequantize()
+    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows from the expanded planes, zero where pruned."""
+    w = codec.unpack_rows(_binary_rows(p, r0, r1)).dequantize()
     return _masked(w, unpack_bits(p[KEEP][r0:r1], p.spec.in_features))
 
 
 def validate(p: PackedLinear, name: str = "linear") -> None:
-    """Shapes and dtypes of every tensor (codec.check_shapes), the binary checks (salient bitmap count) and the
-    N:M pattern of the occupancy plane."""
+    """Shapes and dtypes of every tensor (codec.check_shapes: compacted planes [N, ceil(L/8)]), the binary checks
+    (salient bitmap count) and the N:M pattern of the occupancy plane."""
     check_shapes(p, name)
-    codec.validate_packed(_binary_part(p), name)
     spec = p.spec
+    if spec.scheme.salient:
+        n_sal = int(unpack_bits(p["salient"], spec.in_features).sum())
+        if n_sal != spec.n_salient:
+            raise ArbqError(f"{name}: salient bitmap marks {n_sal} columns, the config says {spec.n_salient}")
     for r0 in range(0, spec.out_features, ROWS):
         if not nm_counts_ok(unpack_bits(p[KEEP][r0:r0 + ROWS], spec.in_features), spec.n, spec.m):
             raise ArbqError(f"{name}: the keep plane is not {spec.n}:{spec.m} (every {spec.m} consecutive columns "

@@ -1,0 +1,111 @@
+"""The C++ CPU kernel on the "binary_nm" layout (arbq.kernels.cpu, arbq.packed.nm) against the torch backend:
+random N:M-pruned binary linears (6:8, 5:8, 4:8, 2:4, 3:16), K not a multiple of 64 or 8, odd N, salient-heavy
+blocks, every binary scheme pbs2p / stbllm can write (nm_base), batch 1 (scalar, fp32 / fp16 lanes) and batched
+(dequantized tiles)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from packing_utils import random_result
+from test_nm_layout import SCHEMES, params_for, random_keep
+
+from arbq import kernels
+from arbq.kernels import cpu
+from arbq.packed import layouts, nm
+from arbq.packed.binary_linear import BinaryLinear
+from arbq.packed.codec import PackedLinear
+
+# (rows, K, blocksize): K = 4096 - 8 (not a multiple of 64), 1020 (a partial run inside the last 64-column word),
+# 200 / 100 / 37 (not of 8 / 16), odd N
+SHAPES = [(37, 200, 32), (13, 4088, 128), (7, 1020, 32), (9, 100, 16), (5, 37, 8), (16, 256, 64)]
+PATTERNS = [(6, 8), (5, 8), (4, 8), (2, 4), (3, 16)]
+SCALAR, FP32, FP16, LUT = 0, 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The C++ extension (built on first use, ~1 min); skipped where no compiler is available."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    e = cpu.extension()
+    if e is None:
+        pytest.skip("C++ kernel failed to build")
+    return e
+
+
+def _packed(rows, k, n, m, flavour, bs, sd="fp32", seed=0, salient_frac=0.08) -> PackedLinear:
+    method, cgb = flavour
+    res = nm.NMResult(random_result(rows, k, method, cgb, bs, salient_frac=salient_frac, seed=seed),
+                      random_keep(rows, k, n, m, seed), n, m)
+    return nm.pack(res, params_for(method, cgb, n, m, bs), sd, "layer")
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _check(p: PackedLinear, seed: int = 0, fp16_tol: float = 3e-3) -> None:
+    k, n = p.spec.in_features, p.spec.out_features
+    gen = torch.Generator().manual_seed(seed)
+    torch_be = kernels.backend("torch")
+    x = torch.randn(3, k, generator=gen)
+    want = torch_be.matmul(p, x, {})
+    for mode, tol in ((SCALAR, 1e-5), (FP32, 1e-5), (FP16, fp16_tol), (LUT, 1e-5)):
+        assert _rel(cpu.matmul(p, x, {}, mode=mode), want) < tol, mode
+    w = layouts.dequantize(p)
+    for mode in (SCALAR, FP32):                            # dequantization: scalar and AVX-512 code, exact zeros
+        got = cpu.dequantize(p, {}, 1, n, mode=mode)
+        assert torch.allclose(got, w[1:], rtol=1e-6, atol=1e-7), mode
+        assert bool((got[~nm.unpack_bits(p["keep"][1:], k)] == 0).all())
+    xb = torch.randn(cpu.BATCH_TILE + 3, k, generator=gen)   # batch path: dequantized tiles + matmul
+    assert _rel(cpu.matmul(p, xb, {}), torch_be.matmul(p, xb, {})) < 1e-5
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("rows,k,bs", SHAPES)
+@pytest.mark.parametrize("flavour", list(SCHEMES))
+def test_cpu_kernel_matches_torch_backend(ext, n, m, rows, k, bs, flavour):
+    _check(_packed(rows, k, n, m, flavour, bs, seed=rows + k + n))
+
+
+@pytest.mark.parametrize("sd", ["fp16", "bf16", "fp8"])
+@pytest.mark.parametrize("flavour", [("rc", True), ("billm", False)])
+def test_cpu_kernel_scale_dtypes(ext, sd, flavour):
+    _check(_packed(21, 520, 5, 8, flavour, 64, sd=sd, seed=3))
+
+
+@pytest.mark.parametrize("flavour", [("rc", True), ("rc", False), ("x", True)])
+def test_salient_heavy_blocks(ext, flavour):
+    """Half the columns salient: several 16-column salient words per block, many of them pruned."""
+    _check(_packed(11, 264, 4, 8, flavour, 64, seed=5, salient_frac=0.5))
+
+
+def test_pruned_positions_contribute_nothing(ext):
+    """x nonzero only at pruned positions of row 0 (and huge there): the kernel's row 0 must be exactly the
+    kept part, i.e. 0."""
+    p = _packed(8, 256, 4, 8, ("billm", False), 64, seed=7)
+    keep0 = nm.unpack_bits(p["keep"][:1], 256)[0]
+    x = torch.where(keep0, torch.zeros(256), torch.full((256,), 1e3)).reshape(1, 256)
+    for mode in (SCALAR, FP32, LUT):
+        assert float(cpu.matmul(p, x, {}, mode=mode)[0, 0]) == 0.0, mode
+
+
+def test_backend_picks_cpu_for_binary_nm(ext, monkeypatch):
+    p = _packed(40, 100, 5, 8, ("rc", True), 32, seed=1)
+    assert kernels.backends_for("binary_nm") == ["cpu", "torch"]
+    x = torch.randn(2, 100)
+    assert kernels.pick(p, x, "auto").NAME == "cpu" and kernels.pick(p, x, "triton").NAME == "torch"
+    mod = BinaryLinear.from_packed(p, bias=torch.randn(40), backend="cpu")
+    assert _rel(mod(x), x @ layouts.dequantize(p).T + mod.bias) < 1e-5
+    cache: dict = {}
+    cpu.matmul(p, x[:1], cache)
+    assert "lut" not in cache                               # the lookup layout is for "binary" only
+    ts = cache[cpu.NAME]["tensors"]                         # the file's own compact planes and keep plane, no copy
+    assert [t.data_ptr() for t in (ts[0], ts[1], ts[12])] == [p[k].data_ptr() for k in ("sign1", "group", "keep")]
+    derived = sum(t.numel() * t.element_size() for t in ts[2:5] + ts[6:9] + ts[13:])   # salient words, indices
+    assert derived < 0.5 * sum(t.numel() * t.element_size() for t in p.tensors.values())
+    monkeypatch.setattr(cpu, "_ext", False)                 # as if the build had failed: torch
+    assert kernels.pick(p, x, "cpu").NAME == "torch"
