@@ -32,8 +32,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosplit-b256": ("rc-nosplit", {"blocksize": 256}),
     "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
     # N:M pruning with binarization (issue 14): the stepwise method and the prune-then-binarize baseline
-    **{f"{meth}-{n}of8": (None, {"method": meth, "cgb": True, "nm": f"{n}:8"})
-       for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
+    **{f"{meth}-{n}of8": (meth, {"nm": f"{n}:8"}) for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
+    "rc+cgb-noregroup": ("rc-cgb", {"regroup": 0}),       # the paper's split (arbq's default before regroup)
     # the k-bit baseline at group 64 (the issue's comparison with llm-compressor's GPTQ at the same setting)
     "gptq-4b": ("gptq-4b-g64", {}),
     "gptq-3b": ("gptq-3b-g64", {}),

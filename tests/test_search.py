@@ -165,3 +165,4 @@ def test_every_recipe_loads_and_reference_recipes_are_faithful(name):
             ("plain", "salience", "with_zeros", False)
         assert cfg.salient == ("hessian" if name.endswith("-hessian") else "magnitude")
         assert cfg.split_error == ("output" if cfg.method == "x" else "weight")
+        assert cfg.regroup == 0                  # the reference's threshold split, no Lloyd rounds
