@@ -109,7 +109,7 @@ def kernel_table(res: dict, method: str | None = None) -> Table:
                     f"A/B-interleaved repeats, "
                     f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC")
     for c in ("shape N×K", "bits/w honest", "ceiling 32/b", "batch", "dense ms", "packed ms", "speedup",
-              "cold speedup"):
+              "cold speedup", "dense bf16 ms", "vs bf16"):
         t.add_column(c, justify="left" if c == "shape N×K" else "right")
     for shape, row in k.items():
         if not isinstance(row, dict) or "bits_per_weight" not in row:
@@ -119,7 +119,9 @@ def kernel_table(res: dict, method: str | None = None) -> Table:
             t.add_row(shape, f"{row['bits_per_weight']:.3f}", f"{row['ceiling_vs_fp32']:.1f}×", b.removeprefix("batch"),
                       f"{r['dense_median_ms']:.3f} ({r['dense_p10_ms']:.3f}–{r['dense_p90_ms']:.3f})",
                       f"{r['packed_median_ms']:.3f} ({r['packed_p10_ms']:.3f}–{r['packed_p90_ms']:.3f})",
-                      f"{r['speedup_vs_dense']:.2f}×", _f(cold, ".2f") + ("×" if cold else ""))
+                      f"{r['speedup_vs_dense']:.2f}×", _f(cold, ".2f") + ("×" if cold else ""),
+                      _f(r.get("dense_bf16_median_ms"), ".3f"),
+                      _f(r.get("speedup_vs_bf16"), ".2f") + ("×" if r.get("speedup_vs_bf16") else ""))
     return t
 
 

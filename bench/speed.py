@@ -23,6 +23,9 @@ def _rows(raw: dict) -> dict:
         row = {f"dense_{k}": v for k, v in dense.items()}
         row.update({f"packed_{k}": v for k, v in r["packed"].items()})
         row.update(speedup_vs_dense=r["speedup"], max_rel_err=r["max_rel_err"])
+        if "dense_bf16" in r:
+            row.update({f"dense_bf16_{k}": v for k, v in r["dense_bf16"].items()},
+                       speedup_vs_bf16=r["speedup_vs_bf16"])
         out[f"batch{b}"] = row
     return out
 
@@ -90,7 +93,7 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
             raw = _gpu_shape(n, k, method, cgb, batches, repeats, warmup, device, nm)
         else:
             raw = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
-                                 clock=clock, nm=nm)
+                                 clock=clock, nm=nm, bf16=True)
         row = {"bits_per_weight": raw["bits_per_weight"], "ceiling_vs_fp32": raw["ceiling_vs_fp32"],
                **_rows(raw)}
         if cold and not cuda:  # every shape also cold (rotating copies), as a decode through many layers sees it

@@ -112,19 +112,20 @@ def interleaved(ops: tuple[Op, Op], repeats: int, warmup: int, timer: Callable[[
 def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
                 batches: tuple[int, ...] = (1, 128), repeats: int = 21, warmup: int = 5, backend: str = "cpu",
                 cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "lut",
-                seed: int = 0, nm: str | None = None) -> dict:
+                seed: int = 0, nm: str | None = None, bf16: bool = False) -> dict:
     """Time x [b, K] @ Wᵀ, dense fp32 torch.matmul vs BinaryLinear, for each batch b; returns a dict.
 
     clock "thread" (CPU time of the calling thread) is immune to other processes on a shared machine
     but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend (binary_nm
     has no table lookup: lut runs its fp32 masked-add kernel). nm: "N:M" times the binary_nm layout.
+    bf16: also time dense bf16 (weights and x in bf16) against the packed layer, a second A/B pair.
     """
     now = CLOCKS[clock]
     old_lanes = os.environ.get("ARBQ_CPU_LANES")
     os.environ["ARBQ_CPU_LANES"] = lanes
     try:
         return _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now,
-                      seed, nm, extra={"clock": clock, "lanes": lanes})
+                      seed, nm, extra={"clock": clock, "lanes": lanes, "bf16": bf16})
     finally:
         if old_lanes is None:
             os.environ.pop("ARBQ_CPU_LANES", None)
@@ -146,6 +147,7 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
            "threads": torch.get_num_threads(), **extra, "mode": "cold" if cold else "hot",
            "bits_per_weight": bits,
            "ceiling_vs_fp32": 32 / bits, "batches": {}}
+    dense16 = [t.to(torch.bfloat16) for t in dense] if extra.get("bf16") else []
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, k, generator=torch.Generator().manual_seed(seed + b))
@@ -158,8 +160,14 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
                    lambda r, x=x: layers[r % copies](x))
             # every copy once in the warm-up: per-layer preparation is not timed
             d, p = interleaved(ops, repeats, max(warmup, copies), clock_timer(now))
-            out["batches"][str(b)] = {"dense_fp32": d, "packed": p, "max_rel_err": err,
-                                      "speedup": d["median_ms"] / p["median_ms"]}
+            row = {"dense_fp32": d, "packed": p, "max_rel_err": err, "speedup": d["median_ms"] / p["median_ms"]}
+            if extra.get("bf16"):      # what users run dense models in: bf16 weights and inputs (oneDNN, AMX)
+                x16, buf16 = x.to(torch.bfloat16), torch.empty(b, n, dtype=torch.bfloat16)
+                ops16 = (lambda r, buf16=buf16, x16=x16, w16=dense16: torch.matmul(x16, w16[r % copies].T, out=buf16),
+                         ops[1])
+                d16, p16 = interleaved(ops16, repeats, max(warmup, copies), clock_timer(now))
+                row.update(dense_bf16=d16, packed_vs_bf16=p16, speedup_vs_bf16=d16["median_ms"] / p16["median_ms"])
+            out["batches"][str(b)] = row
     return out
 
 
