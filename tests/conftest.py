@@ -119,3 +119,18 @@ def pytest_collection_modifyitems(config, items):
     slow = {item.path for item in items if item.get_closest_marker("fixture")}
     long = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: (item.path not in slow, long.get(item.path.name, len(long))))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The C++ CPU kernel extension (built on first use, ~1 min); skipped where no compiler is available."""
+    import shutil
+
+    from arbq.kernels import cpu
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    e = cpu.extension()
+    if e is None:
+        pytest.skip("C++ kernel failed to build")
+    return e

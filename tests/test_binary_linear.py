@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from packing_utils import FLAVOURS, random_result
@@ -16,17 +14,6 @@ from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
 
 SHAPES = [(37, 200, 32), (64, 256, 128), (5, 24, 8), (9, 520, 64), (1, 136, 16)]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    """The C++ extension (built on first use, ~1 min); skipped where no compiler is available."""
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler")
-    e = cpu.extension()
-    if e is None:
-        pytest.skip("C++ kernel failed to build")
-    return e
 
 
 def _layer(method, cgb, n, k, bs, sd="fp32", seed=0, bias=False):
