@@ -53,6 +53,9 @@ def frontier_table(res: dict) -> Table:
     return t
 
 
+LABEL_ALL = 12
+
+
 def plot(res: dict, path: Path) -> Path | None:
     """Write the frontier PNG to `path`; None when matplotlib is missing or there is nothing to plot."""
     pts = points(res)
@@ -69,7 +72,8 @@ def plot(res: dict, path: Path) -> Path | None:
     for p in pts:
         ax.scatter(p["bits"], p["ppl"], color="tab:red" if p["name"].startswith("gptq") else "tab:blue",
                    marker="o" if p["pareto"] else "x", zorder=3)
-        ax.annotate(p["name"], (p["bits"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if p["pareto"] or len(pts) <= LABEL_ALL:   # a crowded plot names the frontier only (the table has all)
+            ax.annotate(p["name"], (p["bits"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = [p for p in pts if p["pareto"]]
     ax.plot([p["bits"] for p in front], [p["ppl"] for p in front], color="gray", lw=1, ls="--", zorder=2)
     if fp_ppl(res):
