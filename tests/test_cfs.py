@@ -115,3 +115,13 @@ def test_cfs_needs_the_calibration_scores(tiny4, botchan, tmp_path, arbq_cli):
     assert r.returncode == 0, r.stderr
     r = arbq_cli("binarize", tiny4, "-o", tmp_path / "run", "--calib", calib, "--method", "pbs2p", "--nm-cfs", "1")
     assert r.returncode == 2 and "statistics" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_binarize_calibrates_with_scores_when_cfs_needs_them(tiny4, botchan, tmp_path, arbq_cli):
+    """Without --calib, a sequential run that uses CFS calibrates with statistics (the layer scores) itself."""
+    run = tmp_path / "run"
+    r = arbq_cli("binarize", tiny4, "-o", run, "--method", "pbs2p", "--nm-cfs", "1", "--data", botchan,
+                 "--nsamples", "2", "--seqlen", "16", "--blocksize", "32")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((run / "run.json").read_text())["layer_plan"]
+    assert sum(int(p["nm"].split(":")[0]) for p in plan["layers"]) == 4 * 6 and len(plan["influence"]) == 4

@@ -155,6 +155,11 @@ class BinarizeConfig:
             methods = methods | {sub.method}
         return out
 
+    @property
+    def needs_layer_scores(self) -> bool:
+        """The run reads every layer's calibration score (CFS), so its calibration needs statistics."""
+        return self.nm_cfs > 0
+
     def check_modules(self, names: list[str]) -> None:
         """Resolve every module's settings before any work starts: each must be a valid recipe whose method
         reads every key its overrides set (one line naming the module)."""

@@ -58,8 +58,8 @@ def _prepare_calib(run: RunDir, model: str, calib: Path | None, cfg: BinarizeCon
         return Path(calib)
     target = run.root / "calib"
     if (target / "manifest.json").is_file() or not cal.is_complete(target):   # a resume checks the settings:
-        cal.run_calibrate(model, target, stats=not cfg.sequential,           # other --data/--nsamples/--seed
-                          resume=(target / "manifest.json").is_file(), **calib_args)   # or model are refused
+        cal.run_calibrate(model, target, stats=not cfg.sequential or cfg.needs_layer_scores,  # other --data/--seed
+                          resume=(target / "manifest.json").is_file(), **calib_args)   # or model: refused
     return target
 
 
