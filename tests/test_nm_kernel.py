@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from packing_utils import random_result
-from test_nm_layout import SCHEMES, params_for, random_keep
+from test_nm_layout import SCHEMES, params_for
 
 from arbq import kernels
 from arbq.kernels import cpu
+from arbq.kernels.bench import random_keep
 from arbq.packed import layouts, nm
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear

@@ -13,6 +13,7 @@ from packing_utils import random_result
 import arbq
 from arbq import kernels
 from arbq.errors import ArbqError
+from arbq.kernels.bench import random_keep
 from arbq.packed import layouts, nm
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear
@@ -28,18 +29,6 @@ SCHEMES = {("rc", True): dict(rc=True, salient=True, group=True, cgb=True),
            ("billm", False): dict(rc=False, salient=True, group=True, cgb=False),
            ("x", True): dict(rc=False, salient=True, group=True, cgb=True),
            ("sign", False): dict(rc=False, salient=False, group=False, cgb=False)}
-
-
-def random_keep(rows: int, k: int, n: int, m: int, seed: int = 0) -> torch.Tensor:
-    """A random [rows, k] bool mask with n kept of every m consecutive columns (min(n, r) in a last run of r)."""
-    gen = torch.Generator().manual_seed(seed)
-    full, r = k - k % m, k % m
-    rank = torch.rand(rows, full // m, m, generator=gen).argsort(-1).argsort(-1)
-    keep = (rank < n).reshape(rows, full)
-    if r:
-        tail = torch.rand(rows, r, generator=gen).argsort(-1).argsort(-1) < min(n, r)
-        keep = torch.cat([keep, tail], dim=1)
-    return keep
 
 
 def random_nm(rows: int, k: int, n: int, m: int, method: str = "rc", cgb: bool = True, blocksize: int = 32,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from arbq.methods.nm import nm_mask
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
 from arbq.packed import nm as nm_layout
@@ -44,13 +45,10 @@ def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, 
         col_scale=torch.rand(2, 2, k, generator=g) + 0.5 if sc.rc else torch.ones(2, 2, k), blocksize=blocksize)
 
 
-def random_keep(n: int, k: int, kept: int, m: int, g: torch.Generator) -> torch.Tensor:
-    """bool [n, k]: `kept` random positions of every run of m columns (min(kept, r) in a last run of r)."""
-    rank = torch.rand(n, -(-k // m) * m, generator=g).reshape(n, -1, m).argsort(-1).argsort(-1)
-    keep = (rank < kept).reshape(n, -1)[:, :k].clone()
-    if k % m:                                        # the last partial run: its first min(kept, r) positions
-        keep[:, k - k % m:] = torch.arange(k % m) < min(kept, k % m)
-    return keep
+def random_keep(n: int, k: int, kept: int, m: int, seed: int = 0) -> torch.Tensor:
+    """bool [n, k]: `kept` random positions of every run of m columns (min(kept, r) in a last run of r): the
+    N:M mask (arbq.methods.nm.nm_mask) of uniform random scores."""
+    return nm_mask(torch.rand(n, k, generator=torch.Generator().manual_seed(seed)), kept, m)
 
 
 def random_packed(n: int, k: int, method: str, cgb: bool, scale_dtype: str = "fp16", nm: str | None = None,
@@ -64,7 +62,7 @@ def random_packed(n: int, k: int, method: str, cgb: bool, scale_dtype: str = "fp
     sc = scheme_for(method, cgb)
     params = {"rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb, "blocksize": blocksize,
               "n": kept, "m": m}
-    keep = random_keep(n, k, kept, m, torch.Generator().manual_seed(seed + 1))
+    keep = random_keep(n, k, kept, m, seed + 1)
     return nm_layout.pack(nm_layout.NMResult(res, keep, kept, m), params, scale_dtype)
 
 

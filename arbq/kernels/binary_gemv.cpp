@@ -122,6 +122,19 @@ inline uint64_t deposit(uint64_t bits, uint64_t mask) {
 #endif
 }
 
+// 64 columns: the compact bits of src from bit `off` deposited at the set bits of the 8 keep bytes into 8 dst
+// bytes (src must hold 9 bytes from off / 8); returns the bits used (popcount of keep).
+inline int expand64(const uint8_t* src, int64_t off, const uint8_t* keep, uint8_t* dst) {
+  uint64_t km, bits;
+  std::memcpy(&km, keep, 8);
+  std::memcpy(&bits, src + (off >> 3), 8);
+  const int sh = static_cast<int>(off & 7);         // always 0 for m = 8
+  if (sh) bits = (bits >> sh) | (static_cast<uint64_t>(src[(off >> 3) + 8]) << (64 - sh));
+  const uint64_t d = deposit(bits, km);
+  std::memcpy(dst, &d, 8);
+  return __builtin_popcountll(km);
+}
+
 // Dense row dst [Kb] of a compact row src [Lb] (the kept columns' bits in column order, LSB first) by the
 // occupancy row keep [Kb]: 0 at pruned columns. step: bits of src per 64 columns when every 64 columns keep
 // the same number (m divides 64: 64 n / m, for m = 8 exactly n bytes), else 0 (counted from keep, serially);
@@ -131,29 +144,12 @@ inline void expand_row(const uint8_t* src, int64_t Lb, const uint8_t* keep, int6
   int64_t off = 0, b = 0;                           // bits of src used so far; columns / 8 done
   if (step > 0 && 8 * Lb >= 72) {                  // independent iterations: offsets known in advance
     const int64_t words = std::min(full, (8 * Lb - 72) / step + 1);   // (off >> 3) + 9 <= Lb for each
-    for (int64_t w = 0; w < words; ++w) {
-      uint64_t km, bits;
-      const int64_t o = w * step;
-      std::memcpy(&km, keep + 8 * w, 8);
-      std::memcpy(&bits, src + (o >> 3), 8);
-      const int sh = static_cast<int>(o & 7);
-      if (sh) bits = (bits >> sh) | (static_cast<uint64_t>(src[(o >> 3) + 8]) << (64 - sh));
-      const uint64_t d = deposit(bits, km);
-      std::memcpy(dst + 8 * w, &d, 8);
-    }
+    for (int64_t w = 0; w < words; ++w) expand64(src, w * step, keep + 8 * w, dst + 8 * w);
     b = 8 * words;
     off = b / 8 * step;
   }
-  for (; b + 8 <= Kb && (off >> 3) + 9 <= Lb; b += 8) {   // 64 columns, fixed-size loads (no bounds)
-    uint64_t km, bits;
-    std::memcpy(&km, keep + b, 8);
-    std::memcpy(&bits, src + (off >> 3), 8);
-    const int sh = static_cast<int>(off & 7);       // always 0 for m = 8
-    if (sh) bits = (bits >> sh) | (static_cast<uint64_t>(src[(off >> 3) + 8]) << (64 - sh));
-    const uint64_t d = deposit(bits, km);
-    std::memcpy(dst + b, &d, 8);
-    off += __builtin_popcountll(km);
-  }
+  for (; b + 8 <= Kb && (off >> 3) + 9 <= Lb; b += 8)    // 64 columns, fixed-size loads (no bounds)
+    off += expand64(src, off, keep + b, dst + b);
   for (; b < Kb; b += 8) {                          // the row's last bytes
     const int64_t nb = std::min<int64_t>(8, Kb - b);
     const uint64_t km = load_bytes(keep + b, nb);

@@ -35,7 +35,7 @@ import torch
 
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
-from arbq.packed.nm import KEEP, expand_plane
+from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
 LAYOUTS = ("binary", "binary_nm")
@@ -204,7 +204,7 @@ def _columns(plane: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return ((plane[:, cols // 8] >> (cols % 8).to(torch.uint8)) & 1).bool()
 
 
-def _salient_bits(p: PackedLinear, name: str, cols: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+def _salient_bits(p: PackedLinear, name: str, cols: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
     """bool [N, len(cols)]: the bits of plane `name` at the given columns; binary_nm's compacted planes are
     expanded `rows` rows at a time ("keep": the occupancy plane's own bits)."""
     if p.spec.layout != "binary_nm" or name == KEEP:

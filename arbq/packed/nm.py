@@ -282,8 +282,8 @@ def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") ->
     check_representable(res, scheme, name)
     p = codec.pack_linear(res.base, scheme, scale_dtype)
     k = res.shape[1]
-    planes = {name: compact_plane(unpack_bits(p[name], k), res.keep).contiguous()
-              for name in COMPACT if name in p.tensors}
+    planes = {plane: compact_plane(unpack_bits(p[plane], k), res.keep).contiguous()
+              for plane in COMPACT if plane in p.tensors}
     return PackedLinear(NMSpec.of(p.spec, res.n, res.m),
                         {**p.tensors, **planes, KEEP: pack_bits(res.keep).contiguous()})
 
