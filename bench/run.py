@@ -47,6 +47,9 @@ QUICK = {"methods": "fp,sign,rc+cgb", "nsamples": 2, "seqlen": 128, "max_windows
 PAPER = {"nsamples": 128, "seqlen": 2048}
 
 
+# table 4 besides rc+cgb: the BiLLM layout and the N:M layouts (pbs2p and stbllm write the same binary_nm layout)
+KERNEL_METHODS = "billm,pbs2p-6of8,pbs2p-5of8,pbs2p-4of8"
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--threads", type=int, help="torch / OpenMP threads (default: torch's default)")
     a("--shapes", help=f"kernel shapes N×K, comma list (default {SHAPES})")
     a("--kernel-repeats", type=int, help="kernel timing repeats (default 21)")
-    a("--kernel-methods", default="billm", help="methods timed besides rc+cgb in table 4 (comma list; '' = none; "
-      "N:M methods such as pbs2p-6of8 time their binary_nm layout)")
+    a("--kernel-methods", default=KERNEL_METHODS, help="methods timed besides rc+cgb in table 4 (comma list; "
+      "'' = none; N:M methods such as pbs2p-6of8 time their binary_nm layout, which stbllm shares)")
     a("--kernel-clock", choices=("wall", "thread"), default="wall", help="CPU kernel clock (thread needs 1 thread)")
     a("--new-tokens", type=int, help="decode: new tokens (default 32)")
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
