@@ -107,9 +107,10 @@ def kernel_table(res: dict, method: str | None = None) -> Table:
     t = Table(title=f"4. Kernels — {k['method']}{layout} packed BinaryLinear ({k['backend']}) vs dense "
                     f"{k['dense_dtype']} matmul, {k['threads']} threads, median (p10–p90) of {k['repeats']} "
                     f"A/B-interleaved repeats, "
-                    f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC")
+                    f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC; "
+                    "bf16 x = the packed layer fed bf16 activations (batch ≥ 8: bf16 panels, bf16 matmul)")
     for c in ("shape N×K", "bits/w honest", "ceiling 32/b", "batch", "dense ms", "packed ms", "speedup",
-              "cold speedup", "dense bf16 ms", "vs bf16"):
+              "cold speedup", "dense bf16 ms", "packed, bf16 x, ms", "vs bf16", "bf16 x vs fp32"):
         t.add_column(c, justify="left" if c == "shape N×K" else "right")
     for shape, row in k.items():
         if not isinstance(row, dict) or "bits_per_weight" not in row:
@@ -120,8 +121,9 @@ def kernel_table(res: dict, method: str | None = None) -> Table:
                       f"{r['dense_median_ms']:.3f} ({r['dense_p10_ms']:.3f}–{r['dense_p90_ms']:.3f})",
                       f"{r['packed_median_ms']:.3f} ({r['packed_p10_ms']:.3f}–{r['packed_p90_ms']:.3f})",
                       f"{r['speedup_vs_dense']:.2f}×", _f(cold, ".2f") + ("×" if cold else ""),
-                      _f(r.get("dense_bf16_median_ms"), ".3f"),
-                      _f(r.get("speedup_vs_bf16"), ".2f") + ("×" if r.get("speedup_vs_bf16") else ""))
+                      _f(r.get("dense_bf16_median_ms"), ".3f"), _f(r.get("packed_bf16_median_ms"), ".3f"),
+                      _f(r.get("speedup_vs_bf16"), ".2f") + ("×" if r.get("speedup_vs_bf16") else ""),
+                      _f(r.get("packed_bf16_vs_fp32"), ".2f") + ("×" if r.get("packed_bf16_vs_fp32") else ""))
     return t
 
 

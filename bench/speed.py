@@ -24,8 +24,9 @@ def _rows(raw: dict) -> dict:
         row.update({f"packed_{k}": v for k, v in r["packed"].items()})
         row.update(speedup_vs_dense=r["speedup"], max_rel_err=r["max_rel_err"])
         if "dense_bf16" in r:
-            row.update({f"dense_bf16_{k}": v for k, v in r["dense_bf16"].items()},
-                       speedup_vs_bf16=r["speedup_vs_bf16"])
+            row.update({f"dense_bf16_{k}": v for k, v in r["dense_bf16"].items()})
+            row.update({f"packed_bf16_{k}": v for k, v in r["packed_vs_bf16"].items()})
+            row.update(speedup_vs_bf16=r["speedup_vs_bf16"], packed_bf16_vs_fp32=r.get("packed_bf16_vs_fp32"))
         out[f"batch{b}"] = row
     return out
 

@@ -91,3 +91,25 @@ def write_run(run: Path, model_dir: Path, method: str = "rc", cgb: bool = True, 
             "calib": {"manifest_sha256": calib_sha}}
     (run / "run.json").write_text(json.dumps(info))
     return out
+
+
+def check_bf16_prefill(p, seed: int = 0) -> None:
+    """The CPU kernel's bf16 prefill path on packed layer p: its bf16 dequantization (scalar and AVX-512
+    code) is bit for bit the fp32 one rounded to nearest even, and a batched bf16 call equals bf16(x) @
+    bf16(Ŵ)ᵀ up to the bf16 rounding of the output (Ŵ from the torch backend)."""
+    from arbq.kernels import cpu
+    from arbq.packed import layouts
+
+    n, k = p.spec.out_features, p.spec.in_features
+    r0 = min(1, n - 1)                                     # rows r0:n, from row 1 where there is one
+    for mode in (0, 1):
+        buf = torch.empty(n, k, dtype=torch.bfloat16)
+        got = cpu.dequantize(p, {}, r0, n, mode=mode, out=buf)
+        assert got.dtype == torch.bfloat16 and got.data_ptr() == buf.data_ptr()
+        want = cpu.dequantize(p, {}, r0, n, mode=mode).bfloat16()
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    x = torch.randn(cpu.BATCH_TILE + 3, k, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    want = x.float() @ layouts.dequantize(p).bfloat16().float().T
+    y = cpu.matmul(p, x, {})
+    assert y.dtype == torch.bfloat16 and y.shape == want.shape
+    assert float((y.float() - want).abs().max() / want.abs().max()) < 8e-3

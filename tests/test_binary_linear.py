@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packing_utils import FLAVOURS, random_result
+from packing_utils import FLAVOURS, check_bf16_prefill, random_result
 
 from arbq import kernels
 from arbq.errors import ArbqError
@@ -13,7 +13,7 @@ from arbq.methods.registry import scheme_for
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import pack_linear
 
-SHAPES = [(37, 200, 32), (64, 256, 128), (5, 24, 8), (9, 520, 64), (1, 136, 16)]
+SHAPES = [(37, 200, 32), (64, 256, 128), (5, 24, 8), (9, 520, 64), (1, 136, 16), (11, 204, 32)]   # 204: K % 16 = 12
 
 
 def _layer(method, cgb, n, k, bs, sd="fp32", seed=0, bias=False):
@@ -60,6 +60,7 @@ def test_cpu_kernel_matches_torch(ext, method, cgb, n, k, bs, sd):
         assert torch.allclose(cpu.dequantize(p, {}, 1, n, mode=mode), lin.dequantize()[1:], rtol=1e-6, atol=1e-7)
     xb = torch.randn(cpu.BATCH_TILE + 3, k)                # batch path: dequantized tiles
     assert _rel(cpu.matmul(p, xb, {}), kernels.backend("torch").matmul(p, xb, {})) < 1e-5
+    check_bf16_prefill(p)                                  # bf16 activations: bf16 panels, bf16 matmul
 
 
 def test_lookup_kernel_layout_reads_every_bit(ext):

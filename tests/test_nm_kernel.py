@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from packing_utils import random_result
+from packing_utils import check_bf16_prefill, random_result
 from test_nm_layout import SCHEMES, params_for
 
 from arbq import kernels
@@ -50,6 +50,7 @@ def _check(p: PackedLinear, seed: int = 0, fp16_tol: float = 3e-3) -> None:
         assert bool((got[~nm.unpack_bits(p["keep"][1:], k)] == 0).all())
     xb = torch.randn(cpu.BATCH_TILE + 3, k, generator=gen)   # batch path: dequantized tiles + matmul
     assert _rel(cpu.matmul(p, xb, {}), torch_be.matmul(p, xb, {})) < 1e-5
+    check_bf16_prefill(p, seed)
 
 
 @pytest.mark.parametrize("n,m", PATTERNS)

@@ -160,11 +160,18 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
             d, p = interleaved(ops, repeats, max(warmup, copies), clock_timer(now))
             row = {"dense_fp32": d, "packed": p, "max_rel_err": err, "speedup": d["median_ms"] / p["median_ms"]}
             if extra.get("bf16"):      # what users run dense models in: bf16 weights and inputs (oneDNN, AMX)
+                # the packed layer gets the same bf16 x (a model loaded in bf16): batch 1 runs the fp32 kernel,
+                # batches >= BATCH_TILE the bf16 prefill path (bf16 panels, bf16 matmul)
                 x16, buf16 = x.to(torch.bfloat16), torch.empty(b, n, dtype=torch.bfloat16)
+                want16 = x16.float() @ dense16[0].float().T
+                err16 = float((layers[0](x16).float() - want16).abs().max() / want16.abs().max())
+                if err16 > 1e-2:
+                    raise RuntimeError(f"packed bf16 output differs from dense bf16 by {err16:.2e}: not timing it")
                 ops16 = (lambda r, buf16=buf16, x16=x16, w16=dense16: torch.matmul(x16, w16[r % copies].T, out=buf16),
-                         ops[1])
+                         lambda r, x16=x16: layers[r % copies](x16))
                 d16, p16 = interleaved(ops16, repeats, max(warmup, copies), clock_timer(now))
-                row.update(dense_bf16=d16, packed_vs_bf16=p16, speedup_vs_bf16=d16["median_ms"] / p16["median_ms"])
+                row.update(dense_bf16=d16, packed_vs_bf16=p16, speedup_vs_bf16=d16["median_ms"] / p16["median_ms"],
+                           packed_bf16_vs_fp32=d["median_ms"] / p16["median_ms"], max_rel_err_bf16=err16)
             out["batches"][str(b)] = row
     return out
 

@@ -1,15 +1,29 @@
 // AVX-512 dequantization for the batched path (#included by binary_gemv.cpp inside
 // `#if ARBQ_AVX512`, in its namespace, after binary_gemv_avx512.cpp whose helpers it uses).
 
-// Rows r0:r1 of W (fp32) for the batched path: every column from the planes with kind-0 values, then
-// the salient columns overwritten (scatter) from the aligned salient words with kind-1 values. binary_nm:
-// the compact rows expanded first (dense_rows), kept columns only (pruned ones stored as 0).
-void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
-  const int64_t K = a.K, kp = (K + 15) / 16 * 16, sw = 16 * a.W, nch = kp / 16, nfull = a.Kb / 2;
-  std::vector<float> cs(a.rc ? 6 * kp + 4 * sw : 0, 0.f);    // padded cs(0,0), cs(1,0); salient cs (g, o)
+// dst[0:K] = bf16(src[0:K]), round to nearest even (AVX512-BF16 vcvtneps2bf16 where compiled).
+inline void store_bf16_row(const float* src, int64_t K, uint16_t* dst) {
+  int64_t j = 0;
+#if defined(__AVX512BF16__)
+  for (; j + 16 <= K; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+#endif
+  for (; j < K; ++j) dst[j] = bf16_bits(src[j]);
+}
+
+// Rows r0:r1 of W for the batched path: every column from the planes with kind-0 values, then the salient
+// columns overwritten (scatter) from the aligned salient words with kind-1 values. binary_nm: the compact
+// rows expanded first (dense_rows), kept columns only (pruned ones stored as 0). fp32 rows go to `out`
+// [r1 - r0, K]; with out_bf16 (then `out` is unused) each row is built in a per-thread fp32 row (in L1) and
+// stored rounded to bf16, the operand of the prefill path's bf16 (AMX/oneDNN) matmul. RC, GRP and NM are
+// compile-time copies of a.rc, a.grp_on and a.nm, so the 16-column loop has no branches but its tail.
+template <bool RC, bool GRP, bool NM>
+void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* out_bf16) {
+  const int64_t K = a.K, kp = (K + 15) / 16 * 16, sw = 16 * a.W, nch = kp / 16, nfull = K / 16;
+  std::vector<float> cs(RC ? 2 * kp + 4 * sw : 0, 0.f);    // padded cs(0,0), cs(1,0); salient cs (g, o)
   std::vector<int32_t> scol(sw, -1);
   for (int64_t p = 0; p < a.S; ++p) scol[a.spos[p]] = a.sidx[p];
-  if (a.rc) {
+  if (RC) {
     for (int64_t j = 0; j < K; ++j) { cs[j] = a.cs[j]; cs[kp + j] = a.cs[2 * K + j]; }
     for (int64_t q = 0; q < sw; ++q)
       for (int go = 0; go < 4 && scol[q] >= 0; ++go) cs[2 * kp + go * sw + q] = a.cs[go * K + scol[q]];
@@ -20,27 +34,41 @@ void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
   alignas(64) int32_t ln[NSLOT];
   for (int s = 0; s < NSLOT; ++s) ln[s] = a.pos[s];
   at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> buf(a.nm ? 2 * a.Kb : 0);
+    std::vector<uint8_t> buf(NM ? 2 * a.Kb : 0);
+    std::vector<float> row(out_bf16 ? kp : 0);
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = b; i < e; ++i) {
-      float* o = out + (i - r0) * K;
-      const uint8_t *s1, *gr, *kp8 = a.nm ? a.keep + i * a.Kb : nullptr;
+      float* o = out_bf16 ? row.data() : out + (i - r0) * K;
+      const uint8_t *s1, *gr, *kp8 = NM ? a.keep + i * a.Kb : nullptr;
       dense_rows(a, i, buf.data(), &s1, &gr);
       for (int64_t t = 0; t < a.T; ++t) {
         const __m512 v = _mm512_mul_ps(load_vals_vec(a, i, t), _mm512_set1_ps(a.vscale));
         auto lane = [&](int s) { return _mm512_permutexvar_ps(_mm512_set1_epi32(ln[s]), v); };
-        const __m512 a00 = lane(A00), a01 = lane(A01), m00 = lane(M00), m01 = lane(M01);
-        const int64_t c1 = std::min((t + 1) * (a.B / 16), nch);
-        for (int64_t c = t * (a.B / 16); c < c1; ++c) {
-          const bool tail = c >= nfull;
-          const __mmask16 ms = tail ? _cvtu32_mask16(s1[2 * c]) : word16(s1 + 2 * c);
-          const __mmask16 mg = !a.grp_on ? 0 : tail ? _cvtu32_mask16(gr[2 * c]) : word16(gr + 2 * c);
-          __m512 w = _mm512_mask_blend_ps(mg, a00, a01);
-          if (a.rc) w = _mm512_mul_ps(w, _mm512_mask_blend_ps(mg, _mm512_loadu_ps(cs0 + 16 * c), _mm512_loadu_ps(cs1 + 16 * c)));
-          w = _mm512_mask_sub_ps(w, _knot_mask16(ms), _mm512_setzero_ps(), w);
-          if (!a.rc) w = _mm512_add_ps(w, _mm512_mask_blend_ps(mg, m00, m01));
-          if (a.nm) w = _mm512_maskz_mov_ps(tail ? _cvtu32_mask16(kp8[2 * c]) : word16(kp8 + 2 * c), w);
-          const int64_t left = K - 16 * c;
-          _mm512_mask_storeu_ps(o + 16 * c, _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u), w);
+        const __m512 a00 = lane(A00), a01 = GRP ? lane(A01) : a00;
+        const __m512 m00 = RC ? zero : lane(M00), m01 = RC || !GRP ? m00 : lane(M01);
+        const int64_t c0 = t * (a.B / 16), c1 = std::min((t + 1) * (a.B / 16), nch);
+        auto level = [&](int64_t c, __mmask16 ms, __mmask16 mg) {   // 16 columns of kind 0
+          __m512 w = GRP ? _mm512_mask_blend_ps(mg, a00, a01) : a00;
+          if (RC) w = _mm512_mul_ps(w, GRP ? _mm512_mask_blend_ps(mg, _mm512_loadu_ps(cs0 + 16 * c), _mm512_loadu_ps(cs1 + 16 * c))
+                                           : _mm512_loadu_ps(cs0 + 16 * c));
+          w = _mm512_mask_sub_ps(w, _knot_mask16(ms), zero, w);
+          if (!RC) w = _mm512_add_ps(w, GRP ? _mm512_mask_blend_ps(mg, m00, m01) : m00);
+          return w;
+        };
+        const int64_t cf = std::min(c1, nfull);
+        for (int64_t c = c0; c < cf; ++c) {
+          __m512 w = level(c, word16(s1 + 2 * c), GRP ? word16(gr + 2 * c) : 0);
+          if (NM) w = _mm512_maskz_mov_ps(word16(kp8 + 2 * c), w);
+          _mm512_storeu_ps(o + 16 * c, w);
+        }
+        if (cf < c1) {   // the last 16 columns of a row whose K is not a multiple of 16 (one byte of bits)
+          const int64_t c = cf;
+          auto tail = [&](const uint8_t* plane) {   // the row's last one or two bytes of bits
+            return _cvtu32_mask16(plane[2 * c] | (2 * c + 1 < a.Kb ? plane[2 * c + 1] << 8 : 0));
+          };
+          __m512 w = level(c, tail(s1), GRP ? tail(gr) : 0);
+          if (NM) w = _mm512_maskz_mov_ps(tail(kp8), w);
+          _mm512_mask_storeu_ps(o + 16 * c, _cvtu32_mask16((1u << (K - 16 * c)) - 1u), w);
         }
         if (!a.sal) continue;
         const __m512 a101 = lane(A10_1), a111 = lane(A11_1), a102 = lane(A10_2), a112 = lane(A11_2);
@@ -49,19 +77,34 @@ void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out) {
           const __mmask16 m1 = word16(a.s1w + i * 2 * a.W + 2 * w), m2 = word16(a.s2w + i * 2 * a.W + 2 * w);
           const __mmask16 mg = a.cgb ? word16(a.gw + i * 2 * a.W + 2 * w) : 0;
           __m512 w1 = _mm512_mask_blend_ps(mg, a101, a111), w2 = _mm512_mask_blend_ps(mg, a102, a112);
-          if (a.rc) {
+          if (RC) {
             w1 = _mm512_mul_ps(w1, _mm512_mask_blend_ps(mg, _mm512_loadu_ps(css + 16 * w), _mm512_loadu_ps(css + 2 * sw + 16 * w)));
             w2 = _mm512_mul_ps(w2, _mm512_mask_blend_ps(mg, _mm512_loadu_ps(css + sw + 16 * w), _mm512_loadu_ps(css + 3 * sw + 16 * w)));
           }
-          __m512 val = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(m1), _mm512_setzero_ps(), w1),
-                                     _mm512_mask_sub_ps(w2, _knot_mask16(m2), _mm512_setzero_ps(), w2));
-          if (!a.rc) val = _mm512_add_ps(val, _mm512_mask_blend_ps(mg, m10, m11));
+          __m512 val = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(m1), zero, w1),
+                                     _mm512_mask_sub_ps(w2, _knot_mask16(m2), zero, w2));
+          if (!RC) val = _mm512_add_ps(val, _mm512_mask_blend_ps(mg, m10, m11));
           const __m512i idx = _mm512_loadu_si512(scol.data() + 16 * w);
           __mmask16 put = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
-          if (a.nm) put = _kand_mask16(put, word16(a.kw + i * 2 * a.W + 2 * w));
+          if (NM) put = _kand_mask16(put, word16(a.kw + i * 2 * a.W + 2 * w));
           _mm512_mask_i32scatter_ps(o, put, idx, val, 4);
         }
       }
+      if (out_bf16) store_bf16_row(o, K, out_bf16 + (i - r0) * K);
     }
   });
+}
+
+void dequant_avx512(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* out_bf16 = nullptr) {
+  const int key = (a.rc ? 4 : 0) | (a.grp_on ? 2 : 0) | (a.nm ? 1 : 0);
+  switch (key) {
+    case 0: return dequant_rows<false, false, false>(a, r0, r1, out, out_bf16);
+    case 1: return dequant_rows<false, false, true>(a, r0, r1, out, out_bf16);
+    case 2: return dequant_rows<false, true, false>(a, r0, r1, out, out_bf16);
+    case 3: return dequant_rows<false, true, true>(a, r0, r1, out, out_bf16);
+    case 4: return dequant_rows<true, false, false>(a, r0, r1, out, out_bf16);
+    case 5: return dequant_rows<true, false, true>(a, r0, r1, out, out_bf16);
+    case 6: return dequant_rows<true, true, false>(a, r0, r1, out, out_bf16);
+    default: return dequant_rows<true, true, true>(a, r0, r1, out, out_bf16);
+  }
 }

@@ -235,6 +235,14 @@ void gemv_scalar(const Layer& a, const int32_t* cidx, const float* x, float* y) 
   });
 }
 
+// bf16 bits of x, round to nearest even (what torch's .to(torch.bfloat16) gives; NaN stays a quiet NaN).
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 #if ARBQ_AVX512
 // ---------------------------------------------------------------- AVX-512
 #include "binary_gemv_avx512.cpp"
@@ -305,22 +313,31 @@ std::vector<int32_t> compact_index(const Layer& a) {
   return cidx;
 }
 
-// Rows r0:r1 of W as float32 [r1 - r0, K]. mode 0: scalar code, else AVX-512 where compiled.
-// out: a preallocated float32 [>= r1 - r0, K] contiguous buffer, or an empty tensor to allocate one.
+// Rows r0:r1 of W as float32 or bfloat16 [r1 - r0, K]. mode 0: scalar code, else AVX-512 where compiled.
+// out: a preallocated float32 or bfloat16 [>= r1 - r0, K] contiguous buffer, or an empty tensor to allocate a
+// float32 one. bfloat16: every value rounded to nearest even from the fp32 dequantization (the prefill operand).
 torch::Tensor dequant(std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t B, std::vector<bool> flags,
                       int64_t r0, int64_t r1, int64_t mode, torch::Tensor out) {
   const Layer a = make_layer(ts, vscale, K, B, flags);
   if (out.numel() == 0) out = torch::empty({r1 - r0, K}, torch::kFloat);
-  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(1) == K &&
-              out.size(0) >= r1 - r0, "arbq: dequant output buffer must be float32 [>= rows, K]");
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 &&
+              out.size(1) == K && out.size(0) >= r1 - r0, "arbq: dequant output buffer must be float32 or bfloat16 [>= rows, K]");
+  auto* o16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
 #if ARBQ_AVX512
   if (mode > 0 && B % 16 == 0) {
-    dequant_avx512(a, r0, r1, out.data_ptr<float>());
+    dequant_avx512(a, r0, r1, bf16 ? nullptr : out.data_ptr<float>(), o16);
     return out;
   }
 #endif
   const auto cidx = compact_index(a);
-  dequant_scalar(a, cidx.data(), r0, r1, out.data_ptr<float>());
+  if (!bf16) {
+    dequant_scalar(a, cidx.data(), r0, r1, out.data_ptr<float>());
+    return out;
+  }
+  std::vector<float> tmp((r1 - r0) * K);
+  dequant_scalar(a, cidx.data(), r0, r1, tmp.data());
+  for (int64_t j = 0; j < (r1 - r0) * K; ++j) o16[j] = bf16_bits(tmp[j]);
   return out;
 }
 
@@ -376,14 +393,19 @@ torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_
 #endif
 
 std::string features() {
-  return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "");
+#if defined(__AVX512BF16__)
+  const bool bf16 = ARBQ_AVX512;
+#else
+  const bool bf16 = false;
+#endif
+  return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "") + (bf16 ? "+bf16" : "");
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ W^T from packed bits (x rows looped)");
-  m.def("dequant", &dequant, "rows r0:r1 of W as float32");
+  m.def("dequant", &dequant, "rows r0:r1 of W as float32 or bfloat16 (into out)");
 #if ARBQ_AVX512
   m.def("gemv_lut", &gemv_lut_op, "y = x @ W^T by table lookup over the kernel layout (x rows looped)");
 #endif
