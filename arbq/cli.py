@@ -112,11 +112,15 @@ def pack(
     scale_dtype: str = typer.Option(None, help="Dtype of scales and means: fp16 | bf16 | fp8 (default: the "
                                                 "recipe's scale_dtype, fp16, which the fit was rounded to)."),
     json_out: Path = typer.Option(None, "--json", help="Write the size report as JSON."),
+    interleave: bool = typer.Option(False, help="Write grouped binary layers (billm, x, rc, ± cgb) in the CPU "
+                                                "lookup kernel's own layout (binary_lut: the same bits, 16 rows "
+                                                "interleaved): no run-time copy, resident memory ≈ the file. GPUs "
+                                                "run it through the torch backend."),
 ) -> None:
     """Write real 1-bit safetensors plus a config that says how to read them."""
     from arbq.stages.pack import run_pack
 
-    run_pack(runs, out, dtype=dtype, scale_dtype=scale_dtype, json_out=json_out)
+    run_pack(runs, out, dtype=dtype, scale_dtype=scale_dtype, json_out=json_out, interleave=interleave)
 
 
 @app.command("eval")

@@ -65,6 +65,34 @@ def test_decode_sized_inputs_equal_fake_quant(tiny, tokens):
     assert torch.allclose(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "cpu"])
+def test_interleaved_pack_runs_from_its_own_bytes(tiny, tmp_path, monkeypatch, kernel):
+    """`arbq pack --interleave`: every rc+cgb linear in the binary_lut layout (the same bits, as the CPU lookup
+    kernel reads them); logits equal the binary pack's on the torch backend and on the C++ kernel (batch 1
+    lookup, batched Ŵᵀ panels), and the kernel's tensors are the loaded buffers themselves."""
+    if kernel == "cpu":
+        from arbq.kernels import cpu
+        if cpu.extension() is None or not hasattr(cpu.extension(), "dequant_lut"):
+            pytest.skip("no AVX-512 C++ kernel on this machine")
+    monkeypatch.setenv("ARBQ_KERNEL", kernel)
+    out = tmp_path / "lut"
+    rep = run_pack([tiny["root"] / "run"], out, dtype="fp32", scale_dtype="fp32", interleave=True)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["layout"] for m in q.values()} == {"binary_lut"}
+    b = rep["binarized"]
+    assert b["measured_equals_formula"] and b["bpw_formula"]["sign_and_group"] == pytest.approx(2.0)
+    assert b["bpw_honest"] == pytest.approx(tiny["report"]["binarized"]["bpw_honest"], rel=0.01)
+    model, ref = arbq.load(out), arbq.load(tiny["packed"])
+    lin = model.model.layers[0].self_attn.q_proj
+    assert set(dict(lin.named_buffers())) >= {"codes", "sign2", "values"} and not hasattr(lin, "sign1")
+    for shape in ((1, 1), (1, 5), (2, 9)):
+        ids = torch.randint(0, 1000, shape, generator=torch.Generator().manual_seed(shape[1]))
+        assert torch.allclose(_logits(model, ids), _logits(ref, ids), atol=1e-4, rtol=1e-4), shape
+    if kernel == "cpu":
+        cache = lin.kernel_cache()
+        assert cache["lut"]["tensors"][0].data_ptr() == lin.codes.data_ptr()
+
+
 def test_transformers_from_pretrained_after_import_arbq(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["packed"], dtype=torch.float32)
     assert isinstance(model.model.layers[0].self_attn.q_proj, BinaryLinear)

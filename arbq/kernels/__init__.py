@@ -3,7 +3,8 @@
 A backend is a module with NAME, LAYOUTS (the packed layouts it runs, arbq.packed.layouts; ALL for the
 torch backend), `supports(p, x) -> bool` (asked only for a layout in LAYOUTS) and
 `matmul(p, x, cache) -> y`, where p is an arbq.packed.codec.PackedLinear, x: [M, K] float and
-y: [M, N] float32 = x @ Ŵᵀ. The torch backend runs every layout, so it is the fallback for all.
+y: [M, N] = x @ Ŵᵀ, float32 (bf16 from the CPU backend's bf16 prefill path). The torch backend runs every
+layout, so it is the fallback for all.
 `cache` is a dict owned by the calling module, for derived tensors a backend prepares once.
 Choose with the ARBQ_KERNEL environment variable (auto | cpu | triton | torch) or BinaryLinear.backend.
 """

@@ -363,13 +363,11 @@ torch::Tensor gemv(torch::Tensor x, std::vector<torch::Tensor> ts, double vscale
 
 #if ARBQ_AVX512
 // y [M, N] = x [M, K] @ W^T by table lookup (binary_gemv_lut_avx512.cpp); tensors from arbq.kernels.cpu.prepare_lut.
-torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, std::vector<bool> flags) {
-  // ts: codes [N16, KQ, 16] u8, smask [N16, S, 3] i16, sidx [S] i32, soff [T+1] i32, vt [N16, T, V, 16], pos [10] i32, cs [4, K]
+Lut make_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t B, const std::vector<bool>& flags) {
+  // ts: codes [N16, KQ, 16] u8, sign2 [N16, S] i16, sidx [S] i32, soff [T+1] i32, vt [N16, T, V, 16], pos [10] i32, cs [4, K]
   TORCH_CHECK(ts.size() == 7 && flags.size() == 2, "arbq: bad kernel arguments");
   for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
-  const auto &codes = ts[0], &smask = ts[1], &sidx = ts[2], &soff = ts[3], &vt = ts[4], &pos = ts[5], &cs = ts[6];
-  const int64_t K = x.size(1);
+  const auto &codes = ts[0], &s2w = ts[1], &sidx = ts[2], &soff = ts[3], &vt = ts[4], &pos = ts[5], &cs = ts[6];
   Lut L{};
   L.rc = flags[0]; L.cgb = flags[1];
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 && codes.size(2) == 16, "codes: uint8 [N16, KQ, 16]");
@@ -378,17 +376,41 @@ torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_
   TORCH_CHECK(vt.dim() == 4 && vt.size(0) == L.N16 && vt.size(1) == L.T && vt.size(3) == 16 && vt.size(2) <= 10,
               "arbq: lut values must be [N16, T, V, 16]");
   TORCH_CHECK(vt.scalar_type() == torch::kHalf || vt.scalar_type() == torch::kFloat, "arbq: lut values fp16 or fp32");
-  TORCH_CHECK(smask.scalar_type() == torch::kInt16 && smask.numel() == L.N16 * L.S * 3, "arbq: lut masks [N16, S, 3] int16");
+  TORCH_CHECK(s2w.scalar_type() == torch::kInt16 && s2w.numel() == L.N16 * L.S, "arbq: lut sign2 words [N16, S] int16");
   TORCH_CHECK(soff.numel() == L.T + 1 && pos.numel() == NSLOT && (!L.rc || cs.numel() == 4 * K), "arbq: lut index tensors");
+  for (int64_t p = 0; p < L.S; ++p)
+    TORCH_CHECK(sidx.data_ptr<int32_t>()[p] >= 0 && sidx.data_ptr<int32_t>()[p] < K, "arbq: lut salient index out of range");
   L.V = vt.size(2); L.vhalf = vt.scalar_type() == torch::kHalf; L.vt = vt.data_ptr();
   L.codes = codes.data_ptr<uint8_t>();
-  L.smask = reinterpret_cast<const uint16_t*>(ptr<int16_t>(smask));
+  L.s2w = reinterpret_cast<const uint16_t*>(ptr<int16_t>(s2w));
   L.sidx = ptr<int32_t>(sidx); L.soff = soff.data_ptr<int32_t>();
   for (int s = 0; s < NSLOT; ++s) L.pos[s] = pos.data_ptr<int32_t>()[s];
   L.cs = L.rc ? cs.data_ptr<float>() : nullptr;
+  return L;
+}
+
+torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, std::vector<bool> flags) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
+  const int64_t K = x.size(1);
+  const Lut L = make_lut(ts, K, N, B, flags);
   auto y = torch::empty({x.size(0), N}, torch::kFloat);
   for (int64_t m = 0; m < x.size(0); ++m) gemv_lut(L, x.data_ptr<float>() + m * K, K, N, y.data_ptr<float>() + m * N);
   return y;
+}
+
+// Ŵᵀ of row groups g0:g1 into out (float32 or bfloat16 [K, 16 (g1 - g0)], contiguous): dequant_lut_rows.
+torch::Tensor dequant_lut_op(std::vector<torch::Tensor> ts, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
+                             int64_t g0, int64_t g1, torch::Tensor out) {
+  const Lut L = make_lut(ts, K, N, B, flags);
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(0 <= g0 && g0 <= g1 && g1 <= L.N16, "arbq: row groups out of range");
+  TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 &&
+              out.size(0) == K && out.size(1) == 16 * (g1 - g0), "arbq: lut dequant output must be float32 or bfloat16 [K, 16 groups]");
+  float* o32 = bf16 ? nullptr : out.data_ptr<float>();
+  auto* o16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
+  if (L.rc) L.cgb ? dequant_lut_rows<true, true>(L, K, g0, g1, o32, o16) : dequant_lut_rows<true, false>(L, K, g0, g1, o32, o16);
+  else L.cgb ? dequant_lut_rows<false, true>(L, K, g0, g1, o32, o16) : dequant_lut_rows<false, false>(L, K, g0, g1, o32, o16);
+  return out;
 }
 #endif
 
@@ -408,6 +430,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "rows r0:r1 of W as float32 or bfloat16 (into out)");
 #if ARBQ_AVX512
   m.def("gemv_lut", &gemv_lut_op, "y = x @ W^T by table lookup over the kernel layout (x rows looped)");
+  m.def("dequant_lut", &dequant_lut_op, "W^T of row groups g0:g1 from the kernel layout as float32 or bfloat16 (into out)");
 #endif
   m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
 }

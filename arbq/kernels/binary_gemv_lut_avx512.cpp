@@ -11,14 +11,15 @@
 // (it reads only the low 4 bits of each index lane; the second pair's code is the byte shifted by 4).
 //
 // Salient correction, per salient column j of block t (the same columns for every row), 16 rows at once
-// from 16-bit row masks (n1: s1 = -1, n2: s2 = -1, g: group 1), with g chosen per row:
+// from 16-bit row masks (n1: s1 = -1, n2: s2 = -1, g: group 1; n1 and g tested in the 16 code bytes of
+// column j's quad, n2 the complement of the stored sign2 word), with g chosen per row:
 //   y += (a1g_1 - a0g) s1 z_g0 + a1g_2 s2 z_g1 [+ (m1g - m0g) x]
 // accumulated as sums over all salient columns of the block and over those with g = 1.
 
 struct Lut {
   int64_t N16, KQ, T, B, V, S;
   const uint8_t* codes;      // [N16, KQ, 16]: low nibble pair 2q, high nibble pair 2q+1 (code: s_a | g_a<<1 | s_b<<2 | g_b<<3)
-  const uint16_t* smask;     // [N16, S, 3]: n1, n2, g masks of 16 rows per salient column
+  const uint16_t* s2w;       // [N16, S]: second sign of 16 rows per salient column (bit r: row 16G + r, 1 = +1)
   const int32_t *sidx, *soff;  // [S] salient columns (sorted); [T+1] first salient of each block
   const void* vt;            // [N16, T, V, 16] values, rows last (fp16 or fp32, vscale applied)
   bool vhalf;
@@ -51,7 +52,7 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
   for (int r = 0; r < R; ++r) {
     y[r] = _mm512_setzero_ps();
     cp[r] = L.codes + (rg0 + r) * L.KQ * 16;
-    mp[r] = L.smask + (rg0 + r) * L.S * 3;
+    mp[r] = L.s2w + (rg0 + r) * L.S;
   }
   const int64_t qpb = L.B / 4;
   const __m512 sgn = _mm512_set1_ps(-0.f);
@@ -86,14 +87,17 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
     for (int r = 0; r < R; ++r) Q1a[r] = Q1g[r] = Q2a[r] = Q2g[r] = XSg[r] = _mm512_setzero_ps();
     for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) {
       const float* z = c.zs + 5 * p;
+      const int64_t j = L.sidx[p], qoff = 16 * (j >> 2);
+      const int shift = 4 * ((j & 3) >> 1) + 2 * (j & 1);
+      const __m128i sbit = _mm_set1_epi8(static_cast<char>(1 << shift)), gbit = _mm_set1_epi8(static_cast<char>(2 << shift));
       const __m512 z00 = _mm512_set1_ps(z[0]), z01 = _mm512_set1_ps(z[1]);
       const __m512 z10 = RC && CGB ? _mm512_set1_ps(z[2]) : z00, z11 = RC && CGB ? _mm512_set1_ps(z[3]) : z01;
       const __m512 xb = _mm512_set1_ps(z[4]);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const uint16_t* m = mp[r] + 3 * p;
-        const __mmask16 n1 = _cvtu32_mask16(m[0]), n2 = _cvtu32_mask16(m[1]);
-        const __mmask16 g = _cvtu32_mask16(m[2]);
+        const __m128i cb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp[r] + qoff));
+        const __mmask16 n1 = _mm_testn_epi8_mask(cb, sbit), n2 = _cvtu32_mask16(~static_cast<uint32_t>(mp[r][p]) & 0xFFFFu);
+        const __mmask16 g = CGB ? _mm_test_epi8_mask(cb, gbit) : 0;
         const __m512 w1 = RC && CGB ? _mm512_mask_blend_ps(g, z00, z10) : z00;
         const __m512 w2 = RC && CGB ? _mm512_mask_blend_ps(g, z01, z11) : z01;
         const __m512 u1 = _mm512_mask_xor_ps(w1, n1, w1, sgn), u2 = _mm512_mask_xor_ps(w2, n2, w2, sgn);
@@ -197,4 +201,65 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y) {
   if (L.rc) L.cgb ? lut_rows<true, true>(L, c, N, y) : lut_rows<true, false>(L, c, N, y);
   else L.cgb ? lut_rows<false, true>(L, c, N, y) : lut_rows<false, false>(L, c, N, y);
   std::free(tab);
+}
+
+// Ŵᵀ of row groups g0:g1 from the lookup layout, for the batched path: out [K, ld] (ld = 16 (g1 − g0)),
+// column j of row 16g + r at out[j ld + 16 (g − g0) + r], fp32 (out32) or bf16 rounded to nearest even
+// (out16). Rows in lanes as in the GEMV: per column, the sign and group masks of 16 rows are tested in the
+// column's quad of code bytes; salient columns take the residual formula with the stored sign2 word.
+template <bool RC, bool CGB>
+void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* out32, uint16_t* out16) {
+  const int64_t ld = 16 * (g1 - g0);
+  std::vector<int32_t> cidx(K, -1);
+  for (int64_t p = 0; p < L.S; ++p) cidx[L.sidx[p]] = static_cast<int32_t>(p);
+  at::parallel_for(g0, g1, 1, [&](int64_t b, int64_t e) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t rg = b; rg < e; ++rg) {
+      const uint8_t* cp = L.codes + rg * L.KQ * 16;
+      const int64_t col0 = 16 * (rg - g0);
+      for (int64_t t = 0; t < L.T; ++t) {
+        const __m512 a00 = lut_val(L, rg, t, A00), a01 = lut_val(L, rg, t, A01);
+        const __m512 m00 = RC ? zero : lut_val(L, rg, t, M00), m01 = RC ? zero : lut_val(L, rg, t, M01);
+        const bool sal = L.soff[t + 1] > L.soff[t];
+        const __m512 a101 = sal ? lut_val(L, rg, t, A10_1) : zero, a102 = sal ? lut_val(L, rg, t, A10_2) : zero;
+        const __m512 a111 = sal && CGB ? lut_val(L, rg, t, A11_1) : a101, a112 = sal && CGB ? lut_val(L, rg, t, A11_2) : a102;
+        const __m512 m10 = sal && !RC ? lut_val(L, rg, t, M10) : zero, m11 = sal && !RC && CGB ? lut_val(L, rg, t, M11) : m10;
+        const int64_t j1 = std::min(K, (t + 1) * L.B);
+        for (int64_t j = t * L.B; j < j1; ++j) {
+          const __m128i cb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * (j >> 2)));
+          const int shift = 4 * ((j & 3) >> 1) + 2 * (j & 1);
+          const __mmask16 ms = _mm_test_epi8_mask(cb, _mm_set1_epi8(static_cast<char>(1 << shift)));
+          const __mmask16 mg = _mm_test_epi8_mask(cb, _mm_set1_epi8(static_cast<char>(2 << shift)));
+          __m512 w;
+          const int32_t p = cidx[j];
+          if (p < 0) {
+            w = _mm512_mask_blend_ps(mg, a00, a01);
+            if (RC) w = _mm512_mul_ps(w, _mm512_mask_blend_ps(mg, _mm512_set1_ps(L.cs[j]), _mm512_set1_ps(L.cs[2 * K + j])));
+            w = _mm512_mask_sub_ps(w, _knot_mask16(ms), zero, w);
+            if (!RC) w = _mm512_add_ps(w, _mm512_mask_blend_ps(mg, m00, m01));
+          } else {
+            const __mmask16 g = CGB ? mg : 0, n2 = _cvtu32_mask16(~static_cast<uint32_t>(L.s2w[rg * L.S + p]) & 0xFFFFu);
+            __m512 w1 = _mm512_mask_blend_ps(g, a101, a111), w2 = _mm512_mask_blend_ps(g, a102, a112);
+            if (RC) {
+              w1 = _mm512_mul_ps(w1, _mm512_mask_blend_ps(g, _mm512_set1_ps(L.cs[j]), _mm512_set1_ps(L.cs[2 * K + j])));
+              w2 = _mm512_mul_ps(w2, _mm512_mask_blend_ps(g, _mm512_set1_ps(L.cs[K + j]), _mm512_set1_ps(L.cs[3 * K + j])));
+            }
+            w = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(ms), zero, w1), _mm512_mask_sub_ps(w2, n2, zero, w2));
+            if (!RC) w = _mm512_add_ps(w, _mm512_mask_blend_ps(g, m10, m11));
+          }
+          if (out16) {
+#if defined(__AVX512BF16__)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + j * ld + col0), (__m256i)_mm512_cvtneps_pbh(w));
+#else
+            alignas(64) float tmp[16];
+            _mm512_store_ps(tmp, w);
+            for (int r = 0; r < 16; ++r) out16[j * ld + col0 + r] = bf16_bits(tmp[r]);
+#endif
+          } else {
+            _mm512_storeu_ps(out32 + j * ld + col0, w);
+          }
+        }
+      }
+    }
+  });
 }

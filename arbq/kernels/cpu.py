@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
+from arbq.packed import lut
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
 from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
-LAYOUTS = ("binary", "binary_nm")
+LAYOUTS = ("binary", "binary_nm", "binary_lut")
 BATCH_TILE = 8
 TILE_ROWS = 256
 PANEL_BYTES = 16 << 20      # bf16 prefill: Ŵ rows per panel = PANEL_BYTES / (2 K) (fewer, larger oneDNN calls)
@@ -191,7 +192,10 @@ def extension():
 
 
 def supports(p: PackedLinear, x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and p["sign1"].device.type == "cpu" and extension() is not None
+    """CPU tensors and a built kernel; binary_lut needs the AVX-512 build (its lookup kernel)."""
+    ext = extension()
+    return (x.device.type == "cpu" and p.device.type == "cpu" and ext is not None
+            and (p.spec.layout != "binary_lut" or hasattr(ext, "dequant_lut")))
 
 
 def _aligned_words(bits: torch.Tensor, spos: torch.Tensor, n_words: int) -> torch.Tensor:
@@ -258,51 +262,42 @@ def prepare(p: PackedLinear) -> dict:
 
 
 def prepare_lut(p: PackedLinear) -> dict:
-    """The table-lookup kernel's layout of one layer (built once, cached on the module).
-
-    codes uint8 [N16, KQ, 16]: for row group G (rows 16G..16G+15, zero-padded), column quad q, row r:
-    low nibble = code of columns (4q, 4q+1), high nibble = code of (4q+2, 4q+3), where the code of a pair
-    (a, b) is s1_a | g_a<<1 | s1_b<<2 | g_b<<3 (bits of the sign1 and group planes). smask int16
-    [N16, S, 3]: per salient column, the 16 rows' masks of sign1 = 0, sign2 = 0 and group = 1. vt
-    [N16, T, V, 16]: the values with rows last (fp16 kept, else fp32; values_scale applied).
-    """
-    spec, sc = p.spec, p.spec.scheme
-    n, k, bs = spec.out_features, spec.in_features, spec.blocksize
-    n16, kq = -(-n // 16), -(-k // 4)
-    s1 = torch.zeros(16 * n16, 4 * kq, dtype=torch.uint8)
-    g = torch.zeros_like(s1)
-    s1[:n, :k] = unpack_bits(p["sign1"], k)
-    g[:n, :k] = unpack_bits(p["group"], k)
-    code2 = s1 | (g << 1)                                   # per column: s | g<<1
-    pair = code2[:, 0::2] | (code2[:, 1::2] << 2)           # [N, K/2]
-    quad = pair[:, 0::2] | (pair[:, 1::2] << 4)             # [N, KQ]
-    codes = quad.reshape(n16, 16, kq).transpose(1, 2).contiguous()
-    sal = unpack_bits(p["salient"], k) if sc.salient else torch.zeros(k, dtype=torch.bool)
-    sidx = sal.nonzero()[:, 0]
-    s2 = torch.zeros(16 * n16, len(sidx), dtype=torch.bool)
-    s2[:n] = unpack_bits(p["sign2"], len(sidx)) if sc.salient else s2[:n]
-    planes = torch.stack([s1[:, sidx] == 0, s2.logical_not(), g[:, sidx] == 1], dim=-1)   # [N16*16, S, 3]
-    weights = (1 << torch.arange(16, dtype=torch.int32)).view(1, 16, 1, 1)
-    smask = (planes.reshape(n16, 16, len(sidx), 3).int() * weights).sum(1)   # [N16, S, 3] in 0..65535
-    smask = smask.to(torch.int32).where(smask < 32768, smask - 65536).to(torch.int16).contiguous()
+    """The table-lookup kernel's tensors of one layer (built once, cached on the module): those of the
+    binary_lut layout (arbq.packed.lut: codes [N16, KQ, 16], sign2 words [N16, S], values [N16, T, V, 16]),
+    read in place from a binary_lut layer, rearranged once from a "binary" one; plus the salient column
+    indices, the first salient of each block, the slot lanes and the column scales fp32 [4, K]. Values that
+    are not fp16 are converted to fp32 (values_scale applied): the one copy a binary_lut layer gets."""
+    q = p if p.spec.layout == "binary_lut" else lut.from_binary(p)
+    spec, sc = q.spec, q.spec.scheme
+    k, bs = spec.in_features, spec.blocksize
+    sidx = unpack_bits(q["salient"], k).nonzero()[:, 0]
     counts = torch.bincount(sidx // bs, minlength=spec.n_blocks)
     soff = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    keep16 = p["values"].dtype == torch.float16 and "values_scale" not in p.tensors
-    vals = p["values"] if keep16 else decode_scales(p.tensors, "values")
-    t, v = vals.shape[1], vals.shape[2]
-    vt = torch.zeros(16 * n16, t, v, dtype=vals.dtype)
-    vt[:n] = vals
-    vt = vt.reshape(n16, 16, t, v).permute(0, 2, 3, 1).contiguous()
+    keep16 = q["values"].dtype == torch.float16 and "values_scale" not in q.tensors
+    vt = q["values"] if keep16 else decode_scales(q.tensors, "values")
     pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
-    cs = full_col_scale(p).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
-    return dict(tensors=[codes, smask, sidx.to(torch.int32), soff.to(torch.int32), vt, pos, cs],
+    cs = full_col_scale(q).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
+    return dict(tensors=[q["codes"], q["sign2"], sidx.to(torch.int32), soff.to(torch.int32), vt.contiguous(), pos, cs],
                 flags=[sc.rc, sc.cgb])
 
 
 def lut_supported(p: PackedLinear) -> bool:
-    sc = p.spec.scheme
-    return (p.spec.layout == "binary" and sc.group and sc.salient and p.spec.blocksize % 4 == 0
+    return (p.spec.layout in ("binary", "binary_lut") and lut.supports(p.spec.scheme, p.spec.blocksize)
             and hasattr(extension(), "gemv_lut"))
+
+
+def _lut(p: PackedLinear, cache: dict) -> dict:
+    if "lut" not in cache:
+        cache["lut"] = prepare_lut(p)
+    return cache["lut"]
+
+
+def dequantize_lut_t(p: PackedLinear, cache: dict, g0: int, g1: int, out: torch.Tensor) -> torch.Tensor:
+    """Ŵᵀ of row groups g0:g1 (rows 16·g0 .. 16·g1, zero rows past N), [K, 16 (g1 − g0)] into `out` (fp32 or
+    bf16, contiguous), from the lookup layout by the kernel (dequant_lut)."""
+    c = _lut(p, cache)
+    return extension().dequant_lut(c["tensors"], p.spec.in_features, p.spec.out_features, p.spec.blocksize,
+                                   c["flags"], g0, g1, out)
 
 
 def _mode() -> int:
@@ -311,7 +306,14 @@ def _mode() -> int:
 
 def dequantize(p: PackedLinear, cache: dict, r0: int, r1: int, mode: int | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows r0:r1 of Ŵ, fp32 [r1 - r0, K], by the kernel (mode 0: its scalar code), into `out` if given."""
+    """Rows r0:r1 of Ŵ, fp32 [r1 - r0, K] (or bf16 into a bf16 `out`), by the kernel (mode 0: its scalar
+    code), into `out` if given. binary_lut: from dequantize_lut_t's columns (mode ignored)."""
+    if p.spec.layout == "binary_lut":
+        g0, g1 = r0 // lut.LANES, -(-r1 // lut.LANES)
+        dt = torch.float32 if out is None else out.dtype
+        wt = dequantize_lut_t(p, cache, g0, g1, torch.empty(p.spec.in_features, lut.LANES * (g1 - g0), dtype=dt))
+        w = wt.T[r0 - lut.LANES * g0:r1 - lut.LANES * g0]
+        return w.contiguous() if out is None else out[:r1 - r0].copy_(w)
     if NAME not in cache:
         cache[NAME] = prepare(p)
     c = cache[NAME]
@@ -345,13 +347,30 @@ def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> tor
     output rows are contiguous."""
     n, k = p.spec.out_features, p.spec.in_features
     rows = max(16, min(n, PANEL_BYTES // (2 * k)))
-    buf = _panel_buffer(rows, k)
     xt = x.to(torch.bfloat16).T
+    if p.spec.layout == "binary_lut":
+        return _matmul_lut(p, xt, cache, torch.bfloat16, rows // lut.LANES)
+    buf = _panel_buffer(rows, k)
     yt = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         torch.matmul(dequantize(p, cache, r0, r1, mode, buf), xt, out=yt[r0:r1])
     return yt.T
+
+
+def _matmul_lut(p: PackedLinear, xt: torch.Tensor, cache: dict, dtype: torch.dtype, groups: int) -> torch.Tensor:
+    """y [M, N] = x @ Ŵᵀ for binary_lut, batched: Ŵᵀ panels of `groups` row groups (dequantize_lut_t) in
+    `dtype`, yᵀ[panel rows] = panelᵀ @ xᵀ; xt: xᵀ [K, M] in dtype."""
+    n, k, n16 = p.spec.out_features, p.spec.in_features, -(-p.spec.out_features // lut.LANES)
+    groups = max(1, min(groups, n16))
+    buf = _panel_buffer(lut.LANES * groups, k) if dtype == torch.bfloat16 else \
+        torch.empty(lut.LANES * groups * k, dtype=dtype)
+    yt = torch.empty(lut.LANES * n16, xt.shape[1], dtype=dtype)
+    for g0 in range(0, n16, groups):
+        g1 = min(g0 + groups, n16)
+        wt = dequantize_lut_t(p, cache, g0, g1, buf.view(-1)[:k * lut.LANES * (g1 - g0)].view(k, -1))
+        torch.matmul(wt.T, xt, out=yt[lut.LANES * g0:lut.LANES * g1])
+    return yt[:n].T
 
 
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
@@ -366,17 +385,18 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
     if x.shape[0] >= BATCH_TILE and prefill_bf16(x):
         return matmul_bf16(p, x, cache, mode)
     x = x.float().contiguous()
+    is_lut = p.spec.layout == "binary_lut"           # its only kernels: lookup GEMV and dequant_lut
     if x.shape[0] < BATCH_TILE:
-        if mode == LUT and ("lut" in cache or lut_supported(p)):
-            if "lut" not in cache:
-                cache["lut"] = prepare_lut(p)
-            return ext.gemv_lut(x, cache["lut"]["tensors"], p.spec.out_features, p.spec.blocksize,
-                                cache["lut"]["flags"])
+        if is_lut or (mode == LUT and ("lut" in cache or lut_supported(p))):
+            c = _lut(p, cache)
+            return ext.gemv_lut(x, c["tensors"], p.spec.out_features, p.spec.blocksize, c["flags"])
         if NAME not in cache:
             cache[NAME] = prepare(p)
         c = cache[NAME]
         return ext.gemv(x, c["tensors"], c["vscale"], p.spec.blocksize, c["flags"], mode)
     n, k = p.spec.out_features, p.spec.in_features
+    if is_lut:
+        return _matmul_lut(p, x.T, cache, torch.float32, TILE_ROWS // lut.LANES)
     y = torch.empty(x.shape[0], n)
     buf = torch.empty(min(TILE_ROWS, n), k)
     for r0 in range(0, n, TILE_ROWS):

@@ -125,7 +125,7 @@ def unpack_rows(p: PackedLinear, r0: int = 0, r1: int | None = None) -> LinearRe
 def full_col_scale(p: PackedLinear) -> torch.Tensor:
     """col_scale [2, 2, K] fp32: ones for non-RC methods, stored values (0 where unused) for RC."""
     spec, sc = p.spec, p.spec.scheme
-    k, dev = spec.in_features, p["sign1"].device
+    k, dev = spec.in_features, p.device
     if not sc.rc:
         return torch.ones(2, 2, k, device=dev)
     sal = unpack_bits(p["salient"], k) if sc.salient else torch.zeros(k, dtype=torch.bool, device=dev)

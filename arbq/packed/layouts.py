@@ -9,6 +9,8 @@ kernels declare the layouts they run (arbq.kernels), the torch backend runs them
     uniform  arbq.packed.uniform: asymmetric k-bit codes per column group (the GPTQ baseline)
     binary_nm  arbq.packed.nm: N:M-pruned binary weights (PBS²P / STBLLM): an occupancy plane, sign and group
                planes compacted to the kept positions, the binary layout's other tensors
+    binary_lut arbq.packed.lut: the binary layout's bits interleaved by 16 rows as the CPU lookup kernel reads
+               them (`arbq pack --interleave`): no run-time copy
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from arbq.errors import ArbqError
-from arbq.packed import codec, nm, uniform
+from arbq.packed import codec, lut, nm, uniform
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import LinearSpec, Scheme
 
@@ -53,6 +55,7 @@ LAYOUTS: dict[str, Layout] = {
                      lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed),
     "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
     "binary_nm": Layout("binary_nm", nm.NMSpec, nm.pack, nm.dequantize_rows, nm.validate),
+    "binary_lut": Layout("binary_lut", lut.LutSpec, lut.pack, lut.dequantize_rows, lut.validate),
 }
 
 

@@ -37,6 +37,7 @@ from arbq.methods.registry import get_method
 from arbq.models.arch import decoder_layers
 from arbq.models.loading import load_model, load_tokenizer, resolve
 from arbq.models.moe import unfuse_experts
+from arbq.packed import lut
 from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of
 from arbq.packed.layouts import layout_of
 from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, expected_tensors
@@ -141,10 +142,11 @@ def run_pack(runs: list[Path], out: Path, *args, **kwargs) -> dict:
 
 
 def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str | None = None,
-             json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+             json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, interleave: bool = False) -> dict:
     """Pack the runs into `out`; returns (and prints, and optionally writes) the size report.
     scale_dtype None = the recipe's (the dtype the fit rounded its scales to; runs older than that
-    option: fp16)."""
+    option: fp16). interleave: binary-layout linears whose scheme the CPU lookup kernel runs are written
+    in the "binary_lut" layout (arbq.packed.lut: the same bits, as that kernel reads them)."""
     if dtype not in DTYPES:
         raise ArbqError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if scale_dtype is not None:
@@ -183,12 +185,14 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
                 if rec.name != cfg.method:
                     raise ArbqError(f"{full}: the run holds a {rec.name} result but its recipe says {cfg.method}")
                 p = layout_of(rec.layout).pack(res, rec.layout_params(cfg), scale_dtype or cfg.scale_dtype, full)
+                if interleave and p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
+                    p = lut.from_binary(p, full)
                 tensors = dict(p.tensors)
                 if lin.bias is not None:
                     tensors["bias"] = lin.bias.detach().to(DTYPES[dtype])
                 sizes.add(full, p.spec, tensors, method=cfg.label())
                 writer.add({f"{full}.{k}": v for k, v in tensors.items()})
-                modules[full] = {"layout": rec.layout, "method": cfg.label(), "params": p.spec.to_params()}
+                modules[full] = {"layout": p.spec.layout, "method": cfg.label(), "params": p.spec.to_params()}
                 done |= {f"{full}.weight", f"{full}.bias"}
         params = 0
         for key, t in expected_tensors(model).items():
