@@ -166,7 +166,11 @@ def render(res: dict, console: Console) -> None:
                 console.print(kernel_table(res, other))
     if isinstance(res.get("decode"), dict) and "speedup_vs_dense" in res["decode"]:
         console.print(decode_table(res))
-    for key in ("kernels", "decode"):
+    if isinstance(res.get("e2e"), dict) and res["e2e"].get("variants"):
+        from bench.e2e import e2e_table
+
+        console.print(e2e_table(res["e2e"]))
+    for key in ("kernels", "decode", "e2e"):
         if isinstance(res.get(key), dict) and "status" in res[key]:
             console.print(f"{key}: {res[key]['status']}")
     for where, msg in res.get("errors", {}).items():

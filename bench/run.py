@@ -5,7 +5,9 @@ Stages, on the fixture model (SmolLM2-135M) and text (botchan.txt), in a resumab
    all), GPTQ-protocol perplexity on botchan.txt and the held-out botchan.txt@0.8:1, lm-eval botchan_cloze;
    1b. reference-equivalent recipes vs the defaults, one change at a time;
 2. binarize cost (wall, peak RSS, fit seconds per layer); 3. size (`arbq pack`, honest and paper bits);
-4. kernels (packed vs dense matmul, batch 1 and 128) and end-to-end greedy decode, packed vs dense.
+4. kernels (packed vs dense matmul, batch 1 and 128) and end-to-end greedy decode, packed vs dense;
+5. end-to-end decode and RSS on a synthetic Llama with 4096-class layers, every packed layout vs dense fp32/bf16,
+   on CPU whatever --device (bench.e2e; --e2e-layers, --skip-e2e; models cached in OUT/e2e).
 
 results.json (written atomically after every step) holds every printed figure under a key path:
     quality/METHOD/{botchan,heldout}_{ppl,text,protocol,seqlen,windows,windows_total,tokens}
@@ -19,6 +21,9 @@ results.json (written atomically after every step) holds every printed figure un
     kernels/NxK/batchB/speedup_vs_dense (hot), kernels/NxK/batchB/cold/... (CPU); the same under
     kernels/METHOD/NxK/... for --kernel-methods (default billm)
     decode/{dense,packed}_{tokens_per_s,prefill_ms,text}, decode/speedup_vs_dense, decode/bits_per_weight
+    e2e/{model,prompt_tokens,new_tokens,repeats,threads,build,wall_s}, e2e/variants/KIND/{prefill_ms,
+        tokens_per_s,speedup_vs_fp32,speedup_vs_bf16,rss_{base,load,run}_mb,peak_rss_mb,file_mb,mem_ratio,
+        bits_per_weight,...} (KIND: dense-fp32, dense-bf16, packed-METHOD[-bf16]; fields: bench/e2e.py)
     machine/..., git_commit, git_dirty, config/..., calibrate/..., timing/..._s, errors/..., notes
 """
 
@@ -40,15 +45,19 @@ DEFAULTS = {"methods": "fp,sign,billm,arb,x,rc,x+cgb,rc+cgb,rc+cgb-b256,rc-nospl
                         "gptq-4b,gptq-3b,gptq-2b,gptq-2b-g128,gptq-2b-g128-keep0.005", "nsamples": 16, "seqlen": 512,
             "max_windows": 8,
             "heldout_max_windows": 0, "task_limit": 40, "shapes": SHAPES, "kernel_repeats": 21, "warmup": 5,
-            "new_tokens": 32, "decode_repeats": 5, "cold": True}
+            "new_tokens": 32, "decode_repeats": 5, "cold": True,
+            "e2e_layers": 2, "e2e_repeats": 3, "e2e_new_tokens": 16, "e2e_prompt_tokens": 128}
 QUICK = {"methods": "fp,sign,rc+cgb", "nsamples": 2, "seqlen": 128, "max_windows": 1, "heldout_max_windows": 1,
          "task_limit": 4, "shapes": "576x576,1536x576", "kernel_repeats": 5, "warmup": 2, "new_tokens": 8,
-         "decode_repeats": 2, "cold": False}
+         "decode_repeats": 2, "cold": False, "e2e_layers": 1, "e2e_repeats": 1, "e2e_new_tokens": 4,
+         "e2e_prompt_tokens": 16}
+# --quick: the e2e model at toy dimensions instead of the Llama-2-7B layer shapes
+E2E_QUICK_DIMS = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 4, "vocab": 1000}
 PAPER = {"nsamples": 128, "seqlen": 2048}
 
 
 # table 4 besides rc+cgb: the BiLLM layout and the N:M layouts (pbs2p and stbllm write the same binary_nm layout)
-KERNEL_METHODS = "billm,pbs2p-6of8,pbs2p-5of8,pbs2p-4of8"
+KERNEL_METHODS = "rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8,pbs2p-5of8,pbs2p-4of8"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
@@ -83,10 +92,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--shapes", help=f"kernel shapes N×K, comma list (default {SHAPES})")
     a("--kernel-repeats", type=int, help="kernel timing repeats (default 21)")
     a("--kernel-methods", default=KERNEL_METHODS, help="methods timed besides rc+cgb in table 4 (comma list; "
-      "'' = none; N:M methods such as pbs2p-6of8 time their binary_nm layout, which stbllm shares)")
+      "'' = none; N:M methods such as pbs2p-6of8 time their binary_nm layout, which stbllm shares; "
+      "NAME/lut the binary_lut layout of `arbq pack --interleave`)")
     a("--kernel-clock", choices=("wall", "thread"), default="wall", help="CPU kernel clock (thread needs 1 thread)")
     a("--new-tokens", type=int, help="decode: new tokens (default 32)")
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
+    a("--skip-e2e", action="store_true", help="skip the end-to-end table on the synthetic 4096-class model (table 5)")
+    a("--e2e-layers", type=int, help="table 5: decoder layers of the synthetic Llama (default 2; quick 1)")
+    a("--e2e-methods", default="rc+cgb,rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8",
+      help="table 5: packed layouts (comma list; NAME/lut = NAME's layout interleaved, binary_lut)")
+    a("--e2e-packed-dtypes", default="fp32,bf16", help="table 5: dtypes the packed models are loaded in")
+    a("--e2e-repeats", type=int, help="table 5: timed runs per variant (default 3)")
+    a("--e2e-new-tokens", type=int, help="table 5: new tokens (default 16)")
+    a("--e2e-prompt-tokens", type=int, help="table 5: prompt tokens (default 128)")
     args = p.parse_args(argv)
     base = {**DEFAULTS, **(QUICK if args.quick else {}), **(PAPER if args.paper else {})}
     for k, v in base.items():
@@ -110,7 +128,7 @@ class Bench:
 
         self.a, self.console = args, console
         bad = [m for m in _csv(args.methods) + _csv(args.task_methods) if m not in ALL_METHODS]
-        bad += [m for m in _csv(args.kernel_methods) if m not in METHODS]   # binarized methods only
+        bad += [m for m in _csv(args.kernel_methods) if m.removesuffix("/lut") not in METHODS]   # binarized only
         if bad:
             sys.exit(f"error: unknown method(s) {', '.join(bad)}; choose from {', '.join(ALL_METHODS)}")
         git = git_commit()
@@ -262,6 +280,27 @@ def speed(b: Bench, model: str) -> None:
     b.save()
 
 
+def e2e(b: Bench) -> None:
+    """Table 5: bench.e2e.run_all (synthetic Llama built and packed once in OUT/e2e, one process per variant)."""
+    from bench import e2e as ee
+
+    a = b.a
+
+    def progress(r: dict) -> None:
+        b.res["e2e"] = r
+        b.save()
+
+    dims = E2E_QUICK_DIMS if a.quick else None
+    r = b.step("e2e", lambda: ee.run_all(a.out / "e2e", a.e2e_layers, _csv(a.e2e_methods), _csv(a.e2e_packed_dtypes),
+                                         a.e2e_prompt_tokens, a.e2e_new_tokens, a.e2e_repeats, a.threads, 0,
+                                         dims, log=b.console.print, progress=progress), "e2e")
+    b.res["e2e"] = r or {"status": "error"}
+    for kind, v in (r or {}).get("variants", {}).items():
+        if "error" in v:
+            b.res["errors"][f"e2e/{kind}"] = v["error"]
+    b.save()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the arbq CLI: no "Loading weights" bars
@@ -287,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             quality(b, str(model), text)
         if not args.skip_kernels:
             speed(b, str(model))
+        if not args.skip_e2e:
+            e2e(b)
     except KeyboardInterrupt:
         b.save()
         print(f"interrupted: partial results in {args.results}; run the same command again to resume "

@@ -60,30 +60,34 @@ def _gpu_shape(n: int, k: int, method: str, cgb: bool, batches, repeats: int, wa
 
 
 def kernel_layout(name: str) -> dict:
-    """A bench method name (bench.methods.METHODS) -> bench_shape's {method, cgb, nm} for its packed layout:
-    N:M methods (pbs2p-6of8, stbllm-5of8, ...) -> their binary strategy (nm_base), cgb and "N:M" (binary_nm);
-    others -> name without "+cgb", cgb = the suffix (the binary layout)."""
+    """A bench method name (bench.methods.METHODS) -> bench_shape's {method, cgb, nm, interleave} for its packed
+    layout: N:M methods (pbs2p-6of8, stbllm-5of8, ...) -> their binary strategy (nm_base), cgb and "N:M"
+    (binary_nm); "NAME/lut" -> NAME's binary layout interleaved (binary_lut, `arbq pack --interleave`); others
+    -> name without "+cgb", cgb = the suffix (the binary layout)."""
     from arbq.methods.registry import get_method
     from bench.methods import METHODS, RunSpec
 
+    if name.endswith("/lut"):
+        return {**kernel_layout(name.removesuffix("/lut")), "interleave": True}
     if name in METHODS:
         cfg = RunSpec(name, *METHODS[name]).config()
         rec = get_method(cfg.method)
         if rec.layout == "binary_nm":
-            return {"method": cfg.nm_base, "cgb": bool(rec.layout_params(cfg)["cgb"]), "nm": cfg.nm}
-    return {"method": name.removesuffix("+cgb"), "cgb": name.endswith("+cgb"), "nm": None}
+            return {"method": cfg.nm_base, "cgb": bool(rec.layout_params(cfg)["cgb"]), "nm": cfg.nm,
+                    "interleave": False}
+    return {"method": name.removesuffix("+cgb"), "cgb": name.endswith("+cgb"), "nm": None, "interleave": False}
 
 
 def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, warmup: int = 5,
             cold: bool = True, clock: str = "wall", method: str = "rc", cgb: bool = True, nm: str | None = None,
-            label: str | None = None) -> dict:
+            label: str | None = None, interleave: bool = False) -> dict:
     """kernels/NxK/... rows for every shape (rc+cgb layout by default, fp16 scales, random bits); nm = "N:M":
     the binary_nm layout of that scheme; label: the row's method name (default method[+cgb][ N:M])."""
     from arbq.kernels import bench as kb
 
     cuda = device.startswith("cuda")
     name = label or f"{method}{'+cgb' if cgb else ''}{f' {nm}' if nm else ''}"
-    out: dict = {"method": name, "layout": "binary_nm" if nm else "binary", "nm": nm,
+    out: dict = {"method": name, "layout": "binary_nm" if nm else "binary_lut" if interleave else "binary", "nm": nm,
                  "scale_dtype": "fp16", "device": device,
                  "dense_dtype": "bf16" if cuda else "fp32", "threads": torch.get_num_threads(),
                  "clock": "cuda events" if cuda else clock, "repeats": repeats, "warmup": warmup,
@@ -94,12 +98,12 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
             raw = _gpu_shape(n, k, method, cgb, batches, repeats, warmup, device, nm)
         else:
             raw = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
-                                 clock=clock, nm=nm, bf16=True)
+                                 clock=clock, nm=nm, bf16=True, interleave=interleave)
         row = {"bits_per_weight": raw["bits_per_weight"], "ceiling_vs_fp32": raw["ceiling_vs_fp32"],
                **_rows(raw)}
         if cold and not cuda:  # every shape also cold (rotating copies), as a decode through many layers sees it
             raw_c = kb.bench_shape(n, k, method, cgb, batches=tuple(batches), repeats=repeats, warmup=warmup,
-                                   clock=clock, cold=True, nm=nm)
+                                   clock=clock, cold=True, nm=nm, interleave=interleave)
             for b, r in _rows(raw_c).items():
                 row[b]["cold"] = r
         out[key] = row

@@ -22,6 +22,7 @@ import torch
 from arbq.methods.nm import nm_mask
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
+from arbq.packed import lut
 from arbq.packed import nm as nm_layout
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear, pack_linear
@@ -52,12 +53,14 @@ def random_keep(n: int, k: int, kept: int, m: int, seed: int = 0) -> torch.Tenso
 
 
 def random_packed(n: int, k: int, method: str, cgb: bool, scale_dtype: str = "fp16", nm: str | None = None,
-                  blocksize: int = 128, seed: int = 0) -> PackedLinear:
-    """random_result packed in the method's "binary" layout, or with nm = "N:M" in "binary_nm" (random N:M
-    positions, the same binary scheme on the kept weights)."""
+                  blocksize: int = 128, seed: int = 0, interleave: bool = False) -> PackedLinear:
+    """random_result packed in the method's "binary" layout (interleave: rearranged into "binary_lut",
+    arbq.packed.lut), or with nm = "N:M" in "binary_nm" (random N:M positions, the same binary scheme on the
+    kept weights)."""
     res = random_result(n, k, method, cgb, blocksize, seed=seed)
     if nm is None:
-        return pack_linear(res, scheme_for(method, cgb), scale_dtype)
+        p = pack_linear(res, scheme_for(method, cgb), scale_dtype)
+        return lut.from_binary(p) if interleave else p
     kept, m = (int(v) for v in nm.split(":"))
     sc = scheme_for(method, cgb)
     params = {"rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb, "blocksize": blocksize,
@@ -110,20 +113,21 @@ def interleaved(ops: tuple[Op, Op], repeats: int, warmup: int, timer: Callable[[
 def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtype: str = "fp16",
                 batches: tuple[int, ...] = (1, 128), repeats: int = 21, warmup: int = 5, backend: str = "cpu",
                 cold: bool = False, llc_bytes: int = 3 * 2**29, clock: str = "wall", lanes: str = "lut",
-                seed: int = 0, nm: str | None = None, bf16: bool = False) -> dict:
+                seed: int = 0, nm: str | None = None, bf16: bool = False, interleave: bool = False) -> dict:
     """Time x [b, K] @ Wᵀ, dense fp32 torch.matmul vs BinaryLinear, for each batch b; returns a dict.
 
     clock "thread" (CPU time of the calling thread) is immune to other processes on a shared machine
     but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend (binary_nm
     has no table lookup: lut runs its fp32 masked-add kernel). nm: "N:M" times the binary_nm layout.
     bf16: also time dense bf16 (weights and x in bf16) against the packed layer, a second A/B pair.
+    interleave: time the "binary_lut" layout (the lookup kernel's own bytes) instead of "binary".
     """
     now = CLOCKS[clock]
     old_lanes = os.environ.get("ARBQ_CPU_LANES")
     os.environ["ARBQ_CPU_LANES"] = lanes
     try:
         return _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now,
-                      seed, nm, extra={"clock": clock, "lanes": lanes, "bf16": bf16})
+                      seed, nm, extra={"clock": clock, "lanes": lanes, "bf16": bf16, "interleave": interleave})
     finally:
         if old_lanes is None:
             os.environ.pop("ARBQ_CPU_LANES", None)
@@ -133,7 +137,7 @@ def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtyp
 
 def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, cold, llc_bytes, now, seed, nm,
            extra: dict) -> dict:
-    packed = random_packed(n, k, method, cgb, scale_dtype, nm, seed=seed)
+    packed = random_packed(n, k, method, cgb, scale_dtype, nm, seed=seed, interleave=extra.get("interleave", False))
     bits = sum(packed.spec.formula_bits().values()) / (n * k)
     w = BinaryLinear.from_packed(packed).dequantize()   # the packed weights (scales as stored)
     copies = max(1, math.ceil(llc_bytes / w.numel() / 4)) if cold else 1

@@ -212,12 +212,14 @@ void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* ou
   const int64_t ld = 16 * (g1 - g0);
   std::vector<int32_t> cidx(K, -1);
   for (int64_t p = 0; p < L.S; ++p) cidx[L.sidx[p]] = static_cast<int32_t>(p);
-  at::parallel_for(g0, g1, 1, [&](int64_t b, int64_t e) {
+  // blocks of columns in parallel, row groups inside: the 16-row stores of one column are consecutive,
+  // so each output row is written front to back and a block's rows stay in cache
+  at::parallel_for(0, L.T, 1, [&](int64_t tb, int64_t te) {
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t rg = b; rg < e; ++rg) {
-      const uint8_t* cp = L.codes + rg * L.KQ * 16;
-      const int64_t col0 = 16 * (rg - g0);
-      for (int64_t t = 0; t < L.T; ++t) {
+    for (int64_t t = tb; t < te; ++t) {
+      for (int64_t rg = g0; rg < g1; ++rg) {
+        const uint8_t* cp = L.codes + rg * L.KQ * 16;
+        const int64_t col0 = 16 * (rg - g0);
         const __m512 a00 = lut_val(L, rg, t, A00), a01 = lut_val(L, rg, t, A01);
         const __m512 m00 = RC ? zero : lut_val(L, rg, t, M00), m01 = RC ? zero : lut_val(L, rg, t, M01);
         const bool sal = L.soff[t + 1] > L.soff[t];

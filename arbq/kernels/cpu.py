@@ -349,7 +349,7 @@ def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> tor
     rows = max(16, min(n, PANEL_BYTES // (2 * k)))
     xt = x.to(torch.bfloat16).T
     if p.spec.layout == "binary_lut":
-        return _matmul_lut(p, xt, cache, torch.bfloat16, rows // lut.LANES)
+        return _matmul_lut(p, x.to(torch.bfloat16).contiguous(), cache, torch.bfloat16, rows // lut.LANES)
     buf = _panel_buffer(rows, k)
     yt = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
     for r0 in range(0, n, rows):
@@ -358,19 +358,22 @@ def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> tor
     return yt.T
 
 
-def _matmul_lut(p: PackedLinear, xt: torch.Tensor, cache: dict, dtype: torch.dtype, groups: int) -> torch.Tensor:
-    """y [M, N] = x @ Ŵᵀ for binary_lut, batched: Ŵᵀ panels of `groups` row groups (dequantize_lut_t) in
-    `dtype`, yᵀ[panel rows] = panelᵀ @ xᵀ; xt: xᵀ [K, M] in dtype."""
+def _matmul_lut(p: PackedLinear, x: torch.Tensor, cache: dict, dtype: torch.dtype, groups: int) -> torch.Tensor:
+    """y [M, N] = x @ Ŵᵀ for binary_lut, batched: Ŵᵀ panels [K, 16·groups] (dequantize_lut_t) in `dtype`
+    and y[:, panel rows] = x @ panel (the panel as the matmul's plain right operand); x [M, K] in dtype."""
     n, k, n16 = p.spec.out_features, p.spec.in_features, -(-p.spec.out_features // lut.LANES)
     groups = max(1, min(groups, n16))
     buf = _panel_buffer(lut.LANES * groups, k) if dtype == torch.bfloat16 else \
         torch.empty(lut.LANES * groups * k, dtype=dtype)
-    yt = torch.empty(lut.LANES * n16, xt.shape[1], dtype=dtype)
+    y = torch.empty(x.shape[0], n, dtype=dtype)
+    part = torch.empty(x.shape[0], lut.LANES * groups, dtype=dtype)
     for g0 in range(0, n16, groups):
         g1 = min(g0 + groups, n16)
+        r0, r1 = lut.LANES * g0, min(lut.LANES * g1, n)
         wt = dequantize_lut_t(p, cache, g0, g1, buf.view(-1)[:k * lut.LANES * (g1 - g0)].view(k, -1))
-        torch.matmul(wt.T, xt, out=yt[lut.LANES * g0:lut.LANES * g1])
-    return yt[:n].T
+        yp = torch.matmul(x, wt, out=part[:, :lut.LANES * (g1 - g0)]) if g1 - g0 == groups else torch.matmul(x, wt)
+        y[:, r0:r1] = yp[:, :r1 - r0]
+    return y
 
 
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
@@ -396,7 +399,7 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
         return ext.gemv(x, c["tensors"], c["vscale"], p.spec.blocksize, c["flags"], mode)
     n, k = p.spec.out_features, p.spec.in_features
     if is_lut:
-        return _matmul_lut(p, x.T, cache, torch.float32, TILE_ROWS // lut.LANES)
+        return _matmul_lut(p, x, cache, torch.float32, TILE_ROWS // lut.LANES)
     y = torch.empty(x.shape[0], n)
     buf = torch.empty(min(TILE_ROWS, n), k)
     for r0 in range(0, n, TILE_ROWS):

@@ -223,13 +223,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     check_checkpoint(model, header)
     packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, BinaryLinear)
               for b in m.spec.tensor_shapes()}
+    # Tensors kept as stored are views of the file's mapping (no copy). When some are converted to `dtype`,
+    # the others are copied too, so no view keeps the mapping (and the source pages the conversion read)
+    # resident next to the converted copies: the process then holds what the model holds.
+    convert = any(dt.is_floating_point and dt != dtype for key, (_, dt) in header.items() if key not in packed)
     state = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
                 for key in h.keys():
                     t = h.get_tensor(key)
-                    state[key] = t if key in packed or not t.is_floating_point() else t.to(dtype)
+                    if key in packed or not t.is_floating_point():
+                        state[key] = t.clone() if convert else t
+                    else:
+                        state[key] = t.to(dtype, copy=True)
         except (SafetensorError, OSError) as e:
             raise ArbqError(f"corrupt or truncated safetensors file {f}: {e}") from None
     model.load_state_dict(state, strict=False, assign=True)
