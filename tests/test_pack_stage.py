@@ -93,6 +93,33 @@ def test_interleaved_pack_runs_from_its_own_bytes(tiny, tmp_path, monkeypatch, k
         assert cache["lut"]["tensors"][0].data_ptr() == lin.codes.data_ptr()
 
 
+def _mapped(path) -> bool:
+    """Whether a file is mapped into this process (/proc/self/maps)."""
+    import gc
+
+    gc.collect()
+    return str(path.resolve()) in open("/proc/self/maps").read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+def test_loading_in_another_dtype_releases_the_file_mapping(tiny, tmp_path):
+    """Loaded in the stored dtype, every tensor is a view of the mapped file (no copy); loaded in another dtype,
+    every tensor is copied, so no view keeps the mapping, and the pages the conversion read, resident next to
+    the converted copies."""
+    out = tmp_path / "fp16"
+    run_pack([tiny["root"] / "run"], out, dtype="fp16", scale_dtype="fp16")
+    shard = next(out.glob("*.safetensors"))
+    ids = torch.randint(0, 1000, (1, 5))
+    as_stored = arbq.load(out, dtype=None)
+    assert as_stored.model.embed_tokens.weight.dtype == torch.float16 and _mapped(shard)
+    del as_stored
+    assert not _mapped(shard)
+    converted = arbq.load(out, dtype=torch.float32)
+    assert converted.model.embed_tokens.weight.dtype == torch.float32 and not _mapped(shard)
+    ref = arbq.load(tiny["packed"])                      # the fp32 pack: the same bits, fp16-rounded dense parts
+    assert torch.allclose(_logits(converted, ids), _logits(ref, ids), atol=5e-2, rtol=5e-2)
+
+
 def test_transformers_from_pretrained_after_import_arbq(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["packed"], dtype=torch.float32)
     assert isinstance(model.model.layers[0].self_attn.q_proj, BinaryLinear)

@@ -233,10 +233,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             with safe_open(str(f), framework="pt") as h:
                 for key in h.keys():
                     t = h.get_tensor(key)
-                    if key in packed or not t.is_floating_point():
-                        state[key] = t.clone() if convert else t
+                    if key not in packed and t.is_floating_point() and t.dtype != dtype:
+                        state[key] = t.to(dtype)
                     else:
-                        state[key] = t.to(dtype, copy=True)
+                        state[key] = t.clone() if convert else t
         except (SafetensorError, OSError) as e:
             raise ArbqError(f"corrupt or truncated safetensors file {f}: {e}") from None
     model.load_state_dict(state, strict=False, assign=True)
