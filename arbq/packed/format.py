@@ -203,6 +203,33 @@ class LinearSpec:
         return out
 
 
+@dataclass(frozen=True)
+class BinaryBased:
+    """The binary LinearSpec's fields, for the layouts that store the binary scheme's bits another way
+    (arbq.packed.nm's binary_nm, arbq.packed.lut's binary_lut): their spec classes extend it."""
+
+    out_features: int
+    in_features: int
+    n_salient: int
+    blocksize: int
+    scheme: Scheme
+    scale_dtype: str
+
+    @staticmethod
+    def fields_of(spec: Any) -> tuple:
+        """The six binary fields of a LinearSpec (or of any BinaryBased), in order."""
+        return (spec.out_features, spec.in_features, spec.n_salient, spec.blocksize, spec.scheme, spec.scale_dtype)
+
+    @property
+    def binary(self) -> LinearSpec:
+        """The spec of the same linear in the binary layout."""
+        return LinearSpec(*self.fields_of(self))
+
+    @property
+    def n_blocks(self) -> int:
+        return self.binary.n_blocks
+
+
 def formula_bits(spec: LinearSpec, bias_bits: int = 0) -> dict[str, int]:
     """Closed-form bits per component for one linear (must equal `measured_bits` of what is written).
 

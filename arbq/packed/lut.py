@@ -28,7 +28,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.packed import codec
 from arbq.packed.codec import PackedLinear, check_shapes
-from arbq.packed.format import COMPONENTS, LinearSpec, Scheme, pack_bits, unpack_bits
+from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, unpack_bits
 
 LANES = 16                       # rows per row group (the kernel's vector lanes)
 CODE_COMPONENT = "sign_and_group"
@@ -41,34 +41,18 @@ def supports(scheme: Scheme, blocksize: int) -> bool:
 
 
 @dataclass(frozen=True)
-class LutSpec:
+class LutSpec(BinaryBased):
     """Shapes and bit counts of one linear in the "binary_lut" layout (the layout protocol, see
     arbq.packed.layouts): the binary LinearSpec's fields, the tensors interleaved by 16 rows."""
 
     layout: ClassVar[str] = "binary_lut"
-    out_features: int
-    in_features: int
-    n_salient: int
-    blocksize: int
-    scheme: Scheme
-    scale_dtype: str
 
     @classmethod
     def of(cls, binary: LinearSpec, where: str = "binary_lut module") -> LutSpec:
         if not supports(binary.scheme, binary.blocksize):
             raise ArbqError(f"{where}: layout binary_lut needs a scheme with group bits and salient columns and a "
                             f"block size that is a multiple of 4 (got {binary.describe()})")
-        return cls(binary.out_features, binary.in_features, binary.n_salient, binary.blocksize, binary.scheme,
-                   binary.scale_dtype)
-
-    @property
-    def binary(self) -> LinearSpec:
-        return LinearSpec(self.out_features, self.in_features, self.n_salient, self.blocksize, self.scheme,
-                          self.scale_dtype)
-
-    @property
-    def n_blocks(self) -> int:
-        return self.binary.n_blocks
+        return cls(*cls.fields_of(binary))
 
     @property
     def row_groups(self) -> int:

@@ -45,7 +45,7 @@ from arbq.errors import ArbqError
 from arbq.methods.result import LinearResult
 from arbq.packed import codec
 from arbq.packed.codec import PackedLinear, check_shapes
-from arbq.packed.format import COMPONENTS, LinearSpec, Scheme, pack_bits, param, unpack_bits
+from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, param, unpack_bits
 
 M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
@@ -156,34 +156,18 @@ class NMResult:
 
 
 @dataclass(frozen=True)
-class NMSpec:
+class NMSpec(BinaryBased):
     """Shapes and bit counts of one linear in the "binary_nm" layout (the layout protocol, see
-    arbq.packed.layouts): the binary layout's fields (`binary` is that LinearSpec) plus the N:M pattern."""
+    arbq.packed.layouts): the binary layout's fields (`binary` is that LinearSpec: the spec of every tensor
+    but the occupancy plane) plus the N:M pattern."""
 
     layout: ClassVar[str] = "binary_nm"
-    out_features: int
-    in_features: int
-    n_salient: int
-    blocksize: int
-    scheme: Scheme
-    scale_dtype: str
     n: int
     m: int
 
     @classmethod
     def of(cls, binary: LinearSpec, n: int, m: int) -> NMSpec:
-        return cls(binary.out_features, binary.in_features, binary.n_salient, binary.blocksize, binary.scheme,
-                   binary.scale_dtype, n, m)
-
-    @property
-    def binary(self) -> LinearSpec:
-        """The spec of the binary tensors (every tensor but the occupancy plane)."""
-        return LinearSpec(self.out_features, self.in_features, self.n_salient, self.blocksize, self.scheme,
-                          self.scale_dtype)
-
-    @property
-    def n_blocks(self) -> int:
-        return self.binary.n_blocks
+        return cls(*cls.fields_of(binary), n, m)
 
     @property
     def kept(self) -> int:
