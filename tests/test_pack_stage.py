@@ -91,6 +91,10 @@ def test_interleaved_pack_runs_from_its_own_bytes(tiny, tmp_path, monkeypatch, k
     if kernel == "cpu":
         cache = lin.kernel_cache()
         assert cache["lut"]["tensors"][0].data_ptr() == lin.codes.data_ptr()
+    else:                                                 # transformers' own loader, through arbq's quantizer
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert hf.model.layers[1].mlp.up_proj.spec.layout == "binary_lut"
+        assert torch.allclose(_logits(hf, ids), _logits(ref, ids), atol=1e-4, rtol=1e-4)
 
 
 def _mapped(path) -> bool:
