@@ -347,9 +347,9 @@ def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> tor
     output rows are contiguous."""
     n, k = p.spec.out_features, p.spec.in_features
     rows = max(16, min(n, PANEL_BYTES // (2 * k)))
-    xt = x.to(torch.bfloat16).T
     if p.spec.layout == "binary_lut":
         return _matmul_lut(p, x.to(torch.bfloat16).contiguous(), cache, torch.bfloat16, rows // lut.LANES)
+    xt = x.to(torch.bfloat16).T
     buf = _panel_buffer(rows, k)
     yt = torch.empty(n, x.shape[0], dtype=torch.bfloat16)
     for r0 in range(0, n, rows):
