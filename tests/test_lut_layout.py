@@ -111,3 +111,26 @@ def test_salient_heavy_blocks(ext, method, cgb):
     for m in (1, 11):
         x = torch.randn(m, 264, generator=torch.Generator().manual_seed(m))
         assert _rel(cpu.matmul(q, x, {}), kernels.backend("torch").matmul(p, x, {})) < 1e-5
+
+
+def test_bf16_prefill_is_safe_from_several_threads(ext):
+    """Each thread dequantizes into its own bf16 panel: two threads running different layers at the same time
+    (torch.matmul releases the GIL between the kernel's panel writes) get their own results."""
+    import threading
+
+    layers = [_pair("rc", True, 64, 256, 64, seed=s)[s % 2] for s in (1, 2)]
+    xs = [torch.randn(16, 256, generator=torch.Generator().manual_seed(s)).bfloat16() for s in (1, 2)]
+    want = [cpu.matmul(p, x, {}) for p, x in zip(layers, xs, strict=True)]
+    bad: list[int] = []
+
+    def run(i: int) -> None:
+        for _ in range(30):
+            if not torch.equal(cpu.matmul(layers[i], xs[i], {}), want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad

@@ -29,6 +29,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -329,14 +330,16 @@ def prefill_bf16(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 or os.environ.get("ARBQ_CPU_PREFILL", "auto") == "bf16"
 
 
-_panel: list[torch.Tensor] = []      # one bf16 scratch panel per process, shared by every layer
+_scratch = threading.local()      # one bf16 scratch panel per thread, shared by every layer
 
 
 def _panel_buffer(rows: int, k: int) -> torch.Tensor:
-    """A reused bf16 [rows, k] buffer (grown when a larger one is needed; never one per layer)."""
-    if not _panel or _panel[0].numel() < rows * k:
-        _panel[:] = [torch.empty(rows * k, dtype=torch.bfloat16)]
-    return _panel[0][:rows * k].view(rows, k)
+    """A reused bf16 [rows, k] buffer of the calling thread (grown when a larger one is needed; never one
+    per layer, and never shared between threads that run models at the same time)."""
+    buf = getattr(_scratch, "panel", None)
+    if buf is None or buf.numel() < rows * k:
+        buf = _scratch.panel = torch.empty(rows * k, dtype=torch.bfloat16)
+    return buf[:rows * k].view(rows, k)
 
 
 def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> torch.Tensor:
