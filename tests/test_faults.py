@@ -387,14 +387,14 @@ def test_stale_scratch_is_removed_by_the_next_run(tmp_path):
 
 @pytest.fixture
 def fresh_build(tmp_path, monkeypatch):
-    from arbq.kernels import cpu
+    from arbq.kernels import cpu, cpu_build
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.setenv("ARBQ_BUILD_TIMEOUT", "2")
     monkeypatch.setattr(cpu, "_ext", None)
     from torch.utils.cpp_extension import _get_build_directory
 
-    build = Path(_get_build_directory(cpu._name(), False))
+    build = Path(_get_build_directory(cpu_build.library_name(), False))
     return cpu, build
 
 
@@ -414,7 +414,9 @@ def test_stale_kernel_build_lock_does_not_hang(fresh_build, capfd, age):
 
 def test_kernel_library_not_matching_its_hash_is_not_loaded(fresh_build, capfd):
     cpu, build = fresh_build
-    so = build / f"{cpu._name()}.so"
+    from arbq.kernels.cpu_build import library_name
+
+    so = build / f"{library_name()}.so"
     so.write_bytes(b"not the library that was built")
     (build / f"{so.name}.sha256").write_text("0" * 64 + "\n")
     assert cpu.extension() is None                   # rebuilt (here: timed out), never imported
