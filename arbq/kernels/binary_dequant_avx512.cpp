@@ -1,13 +1,21 @@
 // AVX-512 dequantization for the batched path (#included by binary_gemv.cpp inside
 // `#if ARBQ_AVX512`, in its namespace, after binary_gemv_avx512.cpp whose helpers it uses).
 
-// dst[0:K] = bf16(src[0:K]), round to nearest even (AVX512-BF16 vcvtneps2bf16 where compiled).
+// dst[0:16] = bf16(w), round to nearest even (AVX512-BF16 vcvtneps2bf16 where compiled, else bf16_bits).
+inline void store_bf16x16(__m512 w, uint16_t* dst) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(w));
+#else
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, w);
+  for (int r = 0; r < 16; ++r) dst[r] = bf16_bits(tmp[r]);
+#endif
+}
+
+// dst[0:K] = bf16(src[0:K]), round to nearest even.
 inline void store_bf16_row(const float* src, int64_t K, uint16_t* dst) {
   int64_t j = 0;
-#if defined(__AVX512BF16__)
-  for (; j + 16 <= K; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
-#endif
+  for (; j + 16 <= K; j += 16) store_bf16x16(_mm512_loadu_ps(src + j), dst + j);
   for (; j < K; ++j) dst[j] = bf16_bits(src[j]);
 }
 

@@ -1,5 +1,6 @@
 // Table-lookup GEMV for grouped schemes (billm, arb, x, rc, with or without CGB), #included by
-// binary_gemv.cpp inside `#if ARBQ_AVX512`, in its namespace. Rows are the vector lanes: 16 rows per
+// binary_gemv.cpp inside `#if ARBQ_AVX512`, in its namespace, after binary_dequant_avx512.cpp (whose
+// store_bf16x16 the batched dequantization below uses). Rows are the vector lanes: 16 rows per
 // "row group", R row groups per tile share every table load, so no horizontal reduction is ever needed.
 //
 // Non-salient pass (every column, as if all were non-salient), per block t and row i:
@@ -27,6 +28,10 @@ struct Lut {
   const float* cs;           // [4, K] column scales (RC)
   bool rc, cgb;
 };
+
+// Bit of column j's sign in its code byte (the group bit is the next one): column pair (j & 3) >> 1 is the
+// byte's low or high nibble, j & 1 the pair's first or second column.
+inline int code_shift(int64_t j) { return 4 * static_cast<int>((j & 3) >> 1) + 2 * static_cast<int>(j & 1); }
 
 inline __m512 lut_val(const Lut& L, int64_t rg, int64_t t, int s) {
   if (L.pos[s] == kZeroLane) return _mm512_setzero_ps();
@@ -88,7 +93,7 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
     for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) {
       const float* z = c.zs + 5 * p;
       const int64_t j = L.sidx[p], qoff = 16 * (j >> 2);
-      const int shift = 4 * ((j & 3) >> 1) + 2 * (j & 1);
+      const int shift = code_shift(j);
       const __m128i sbit = _mm_set1_epi8(static_cast<char>(1 << shift)), gbit = _mm_set1_epi8(static_cast<char>(2 << shift));
       const __m512 z00 = _mm512_set1_ps(z[0]), z01 = _mm512_set1_ps(z[1]);
       const __m512 z10 = RC && CGB ? _mm512_set1_ps(z[2]) : z00, z11 = RC && CGB ? _mm512_set1_ps(z[3]) : z01;
@@ -232,7 +237,7 @@ void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* ou
         const int64_t j1 = std::min(K, (t + 1) * L.B);
         for (int64_t j = t * L.B; j < j1; ++j) {
           const __m128i cb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16 * (j >> 2)));
-          const int shift = 4 * ((j & 3) >> 1) + 2 * (j & 1);
+          const int shift = code_shift(j);
           const __mmask16 ms = _mm_test_epi8_mask(cb, _mm_set1_epi8(static_cast<char>(1 << shift)));
           const __mmask16 mg = _mm_test_epi8_mask(cb, _mm_set1_epi8(static_cast<char>(2 << shift)));
           __m512 w;
@@ -252,17 +257,8 @@ void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* ou
             w = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(ms), zero, w1), _mm512_mask_sub_ps(w2, n2, zero, w2));
             if (!RC) w = _mm512_add_ps(w, _mm512_mask_blend_ps(g, m10, m11));
           }
-          if (out16) {
-#if defined(__AVX512BF16__)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out16 + j * ld + col0), (__m256i)_mm512_cvtneps_pbh(w));
-#else
-            alignas(64) float tmp[16];
-            _mm512_store_ps(tmp, w);
-            for (int r = 0; r < 16; ++r) out16[j * ld + col0 + r] = bf16_bits(tmp[r]);
-#endif
-          } else {
-            _mm512_storeu_ps(out32 + j * ld + col0, w);
-          }
+          if (out16) store_bf16x16(w, out16 + j * ld + col0);
+          else _mm512_storeu_ps(out32 + j * ld + col0, w);
         }
       }
     }
