@@ -28,7 +28,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.packed import codec
 from arbq.packed.codec import PackedLinear, check_shapes
-from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, unpack_bits
+from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, scale_dtype_of, unpack_bits
 
 LANES = 16                       # rows per row group (the kernel's vector lanes)
 CODE_COMPONENT = "sign_and_group"
@@ -81,11 +81,10 @@ class LutSpec(BinaryBased):
         16·N16·S, row_values 16·N16·T·V·sb (+ 32 for fp8), the rest as binary."""
         b = self.binary.formula_bits(bias_bits)
         n16, kq, rows = self.row_groups, -(-self.in_features // 4), LANES * self.row_groups
-        values_bits = b["row_values"] - (32 if self.scale_dtype == "fp8" else 0)
-        per_value = values_bits // (self.out_features * self.n_blocks * self.scheme.n_values)
+        sb = torch.finfo(scale_dtype_of(self.scale_dtype)).bits
         return {CODE_COMPONENT: 8 * LANES * n16 * kq, "second_sign": rows * self.n_salient,
                 "salient_bitmap": b["salient_bitmap"],
-                "row_values": rows * self.n_blocks * self.scheme.n_values * per_value
+                "row_values": rows * self.n_blocks * self.scheme.n_values * sb
                 + (32 if self.scale_dtype == "fp8" else 0),
                 "col_scales": b["col_scales"], "bias": b["bias"]}
 
