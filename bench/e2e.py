@@ -113,22 +113,20 @@ def synthetic_llama(path: str | Path, layers: int = 2, hidden: int = 4096, inter
     return path
 
 
+def _bench_config(method: str):
+    """The recipe of bench method `method` ("NAME/lut": NAME's), or None for a bare method name."""
+    from bench.methods import METHODS as BENCH_METHODS
+    from bench.methods import RunSpec
+
+    method = method.removesuffix("/lut")
+    return RunSpec(method, *BENCH_METHODS[method]).config() if method in BENCH_METHODS else None
+
+
 def method_label(method: str) -> str:
     """A bench method name -> the module label `arbq pack` writes (e.g. pbs2p-6of8 -> pbs2p-6:8+cgb; NAME/lut ->
     NAME's)."""
-    from bench.methods import METHODS as BENCH_METHODS
-    from bench.methods import RunSpec
-
-    method = method.removesuffix("/lut")
-    return RunSpec(method, *BENCH_METHODS[method]).config().label() if method in BENCH_METHODS else method
-
-
-def _blocksize(method: str) -> int:
-    from bench.methods import METHODS as BENCH_METHODS
-    from bench.methods import RunSpec
-
-    method = method.removesuffix("/lut")
-    return RunSpec(method, *BENCH_METHODS[method]).config().blocksize if method in BENCH_METHODS else 128
+    cfg = _bench_config(method)
+    return cfg.label() if cfg is not None else method.removesuffix("/lut")
 
 
 def random_linear(n: int, k: int, method: str, scale_dtype: str = "fp16", seed: int = 0):
@@ -137,14 +135,9 @@ def random_linear(n: int, k: int, method: str, scale_dtype: str = "fp16", seed: 
     from arbq.kernels.bench import random_packed
     from bench.speed import kernel_layout
 
-    base = method.removesuffix("/lut")
-    lay = kernel_layout(base)
-    p = random_packed(n, k, lay["method"], lay["cgb"], scale_dtype, lay["nm"], blocksize=_blocksize(base), seed=seed)
-    if method.endswith("/lut"):
-        from arbq.packed import lut
-
-        p = lut.from_binary(p, method)
-    return p
+    cfg, lay = _bench_config(method), kernel_layout(method)
+    return random_packed(n, k, lay["method"], lay["cgb"], scale_dtype, lay["nm"],
+                         blocksize=cfg.blocksize if cfg is not None else 128, seed=seed, interleave=lay["interleave"])
 
 
 def linear_seed(seed: int, j: int) -> int:
@@ -170,12 +163,12 @@ def write_packed(model_dir: str | Path, out: str | Path, method: str, scale_dtyp
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from arbq.fileio import file_hashes, fsync_tree, library_versions, read_json, write_json
-    from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD
+    from arbq.fileio import fsync_tree, read_json, write_json
+    from arbq.packed.format import FORMAT_VERSION
     from arbq.packed.layouts import validate
-    from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, read_header, weight_files
+    from arbq.packed.loader import MANIFEST, read_header, weight_files
     from arbq.packed.sizes import SizeReport
-    from arbq.stages.pack import MAX_SHARD_BYTES, ShardWriter
+    from arbq.stages.pack import MAX_SHARD_BYTES, ShardWriter, quantization_config, replace_dir, write_manifest
 
     model_dir, out = Path(model_dir), Path(out)
     files = weight_files(model_dir)
@@ -209,25 +202,20 @@ def write_packed(model_dir: str | Path, out: str | Path, method: str, scale_dtyp
             modules[name] = {"layout": p.spec.layout, "method": label, "params": p.spec.to_params()}
             done |= {f"{name}.weight", f"{name}.bias"}
         params = sum(_numel(shape) for shape, _ in header.values())
-        for key in dense:
-            if key not in done:
-                writer.add({key: _read(*dense[key])})
+        for f in files:                       # the other tensors as stored, one open per file
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    if key not in done:
+                        writer.add({key: h.get_tensor(key)})
         written = writer.close()
         cfg = read_json(model_dir / "config.json")
-        cfg.update(quantization_config={"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
-                                        "bit_order": BIT_ORDER, "modules": modules}, use_cache=True)
+        cfg.update(quantization_config=quantization_config(modules), use_cache=True)
         write_json(tmp / "config.json", cfg)
         packed_bytes = sum((tmp / f).stat().st_size for f in written if f.endswith(".safetensors"))
         rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=label, scale_dtype=scale_dtype)
-        names_out = [q.name for q in tmp.iterdir() if q.is_file() and not q.name.startswith(".")]
-        write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
-                                    "files": file_hashes(tmp, names_out), "source": source,
-                                    "versions": library_versions(),
-                                    "size": {key: rep[key] for key in ("binarized", "model")}})
+        write_manifest(tmp, source, rep)
         fsync_tree(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

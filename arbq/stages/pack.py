@@ -124,7 +124,23 @@ def _check_out(out: Path) -> None:
         raise ArbqError(f"{out} exists and is not a packed model directory; refusing to overwrite it")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def quantization_config(modules: dict[str, dict]) -> dict:
+    """config.json's quantization_config (format version 2) for the packed modules {name: {layout, method,
+    params}}."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
+            "modules": modules}
+
+
+def write_manifest(tmp: Path, source: dict, rep: dict) -> None:
+    """`tmp`'s sha256 manifest of every file written so far, with where it came from and the size report's
+    binarized and model figures."""
+    names = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
+    write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
+                                "files": file_hashes(tmp, names), "source": source,
+                                "versions": library_versions(), "size": {k: rep[k] for k in ("binarized", "model")}})
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
@@ -201,10 +217,8 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
                 writer.add({key: t.detach().to(DTYPES[dtype])})
         files = writer.close()
 
-        qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
-                "modules": modules}
         cfg = model.config.to_dict()
-        cfg.update(quantization_config=qcfg, dtype=dtypes.HF_NAMES[dtype],
+        cfg.update(quantization_config=quantization_config(modules), dtype=dtypes.HF_NAMES[dtype],
                    use_cache=True)
         write_json(tmp / "config.json", cfg)
         with writing(tmp):
@@ -215,15 +229,10 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
         rep = sizes.to_dict(params, packed_bytes, format_version=FORMAT_VERSION, method=recipe.label(),
                             cgb=recipe.cgb, blocksize=recipe.blocksize, scale_dtype=scale_dtype or recipe.scale_dtype,
                             dtype=dtype)
-        names = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
-        write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "format_version": FORMAT_VERSION,
-                                    "files": file_hashes(tmp, names), "source": {
-                                        "model": info["model"], "runs": [str(r) for r in runs],
-                                        "calib_manifest_sha256": info.get("calib", {}).get("manifest_sha256")},
-                                    "versions": library_versions(),
-                                    "size": {k: rep[k] for k in ("binarized", "model")}})
+        write_manifest(tmp, {"model": info["model"], "runs": [str(r) for r in runs],
+                             "calib_manifest_sha256": info.get("calib", {}).get("manifest_sha256")}, rep)
         fsync_tree(tmp)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     console.print(report_table(rep))
