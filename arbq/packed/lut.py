@@ -27,7 +27,7 @@ import torch
 
 from arbq.errors import ArbqError
 from arbq.packed import codec
-from arbq.packed.codec import PackedLinear, check_shapes
+from arbq.packed.codec import PackedLinear
 from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, scale_dtype_of, unpack_bits
 
 LANES = 16                       # rows per row group (the kernel's vector lanes)
@@ -179,10 +179,8 @@ def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
 
 
 def validate(p: PackedLinear, name: str = "linear") -> None:
-    """Shapes and dtypes of every tensor (codes uint8, sign2 int16) and the salient bitmap's count."""
-    check_shapes(p, name)
+    """The binary layout's checks (shapes, uint8 planes, the salient bitmap's count: codec.validate_packed)
+    and sign2's dtype, int16."""
+    codec.validate_packed(p, name)
     if p["sign2"].dtype != torch.int16:
         raise ArbqError(f"{name}.sign2: expected torch.int16, got {p['sign2'].dtype}")
-    n_sal = int(unpack_bits(p["salient"], p.spec.in_features).sum())
-    if n_sal != p.spec.n_salient:
-        raise ArbqError(f"{name}: salient bitmap marks {n_sal} columns, the config says {p.spec.n_salient}")
