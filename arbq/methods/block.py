@@ -95,7 +95,9 @@ def choose_masks(W: Tensor, d: Tensor | None, S: Tensor | None, method: Method, 
     return salient, group
 
 
-SCALE_DTYPES = {k: dtypes.BY_NAME[k] for k in ("fp16", "bf16", "fp32")}   # what a fit may round its scales to
+# what a fit rounds its scales to, block by block. fp8's per-tensor factor is known only once the linear is done,
+# so its blocks round to fp16 and the finished result is rounded to the stored fp8 values (Layout.stored_values)
+SCALE_DTYPES = {k: dtypes.BY_NAME[k] for k in ("fp16", "bf16", "fp32")} | {"fp8": dtypes.BY_NAME["fp16"]}
 
 
 def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:

@@ -13,10 +13,10 @@ from arbq.errors import ArbqError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # keys that hold for the whole run (a per-module override cannot change them)
-GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs")
+GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs", "tune_epochs", "tune_lr")
 CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
-           "scale_dtype": ("fp16", "bf16", "fp32"), "salient": ("hessian", "magnitude"),
+           "scale_dtype": ("fp16", "bf16", "fp32", "fp8"), "salient": ("hessian", "magnitude"),
            "nm_metric": ("hessian", "wanda"), "nm_base": ("rc", "x", "arb", "billm")}
 
 
@@ -51,7 +51,9 @@ class BinarizeConfig:
     split_quantiles: "members": split thresholds are quantiles of |w| over the group's own weights;
                    "with_zeros": the non-salient thresholds include the zeroed salient columns (reference)
     scale_dtype:   scales and means are rounded to this dtype (fp16 | bf16 | fp32) as each block is
-                   fitted, so the error compensation, model-fake and `arbq pack` all see the stored values
+                   fitted, so the error compensation, model-fake and `arbq pack` all see the stored values; fp8
+                   (e4m3 with a per-tensor factor, binary methods): blocks round to fp16 and the finished linear
+                   to the fp8 values `arbq pack` stores
     bits, group:   uniform methods (gptq): bits per code, columns per scale/zero group
     act_order:     gptq: process columns by decreasing H_jj with group parameters fixed beforehand
                    (llm-compressor's default "static" ordering); False = left to right, as GPTQ's reference
@@ -65,6 +67,11 @@ class BinarizeConfig:
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
+    tune_epochs:   block-wise reconstruction (arbq.methods.reconstruct): after a decoder layer is binarized, this
+                   many passes of Adam over the calibration samples tune its stored values (scales, means, column
+                   scales; the bits stay) to the layer's full-precision output on the same inputs; 0 = off.
+                   Needs sequential. Whole-run key
+    tune_lr:       the reconstruction's Adam step size, relative (1e-3 ≈ 0.1% of a scale per step). Whole-run key
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -101,6 +108,8 @@ class BinarizeConfig:
     nm_base: str = "rc"
     nm_stepwise: bool = True
     nm_cfs: int = 0
+    tune_epochs: int = 0
+    tune_lr: float = 1e-3
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()
@@ -125,7 +134,7 @@ class BinarizeConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ArbqError(f"recipe: unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
-        for key in ("iters", "x_iters", "search_iters", "regroup"):
+        for key in ("iters", "x_iters", "search_iters", "regroup", "tune_epochs"):
             if getattr(self, key) < 0:
                 raise ArbqError(f"recipe: {key} must be >= 0")
         if self.blocksize < 8 or self.blocksize % 8:
@@ -134,6 +143,10 @@ class BinarizeConfig:
             raise ArbqError("recipe: percdamp must be in (0, 10)")
         if self.max_salient < 0 or self.split_points < 1:
             raise ArbqError("recipe: max_salient must be >= 0 and split_points >= 1")
+        if not 0 < self.tune_lr < 1:
+            raise ArbqError("recipe: tune_lr must be in (0, 1)")
+        if self.tune_epochs and not self.sequential:
+            raise ArbqError("recipe: tune_epochs needs sequential (the reconstruction runs on the layer's inputs)")
         if self.cgb and not self.group_split:
             raise ArbqError("recipe: cgb needs group_split (the group bits of salient columns live in its plane)")
         rec = get_method(self.method)

@@ -25,6 +25,18 @@ if TYPE_CHECKING:
     from arbq.methods.binary import BinaryMethod
 
 
+def stored(res: LinearResult, params: dict, scale_dtype: str) -> LinearResult:
+    """res with its values as the binary layout stores them: the identity for fp16 / bf16 / fp32 (the blocks
+    were rounded already), fp8's per-tensor factor and e4m3 rounding applied once the linear is complete."""
+    if scale_dtype != "fp8":
+        return res
+    from arbq.packed.codec import stored_values
+    from arbq.packed.format import Scheme
+
+    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    return res.with_values(stored_values(res, scheme, scale_dtype))
+
+
 def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
     """(U, λ used): U upper-triangular with UᵀU = (H + λ·mean(diag H)·I)⁻¹, λ escalating ×10 on failure."""
     K = H.shape[0]
@@ -125,7 +137,7 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
             err = (Wb - fit.w_hat) / d[None, :]
             W[:, e:] -= err @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
-    res = _assemble(blocks, B)
+    res = stored(_assemble(blocks, B), strategy.scheme_params(cfg), cfg.scale_dtype)
     What = res.dequantize()
     if not torch.isfinite(What).all():
         raise ArbqError(f"{name}: binarization produced NaN/Inf")

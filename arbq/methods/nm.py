@@ -30,7 +30,7 @@ from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem
+from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem, stored
 from arbq.methods.record import MethodRecord
 from arbq.packed.nm import NMResult
 
@@ -127,7 +127,7 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         err = (Wb - fit.w_hat) / d[None, :]
         W[:, e:] -= err @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
-    res = NMResult(_assemble(blocks, B), torch.cat(keeps, 1), n, m)
+    res = NMResult(stored(_assemble(blocks, B), _layout_params(cfg), cfg.scale_dtype), torch.cat(keeps, 1), n, m)
     What = res.dequantize()
     if not torch.isfinite(What).all():
         raise ArbqError(f"{name}: binarization produced NaN/Inf")

@@ -16,7 +16,7 @@ columns (order-2 residual binarization); elsewhere sign2 is False and unused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -68,6 +68,22 @@ class LinearResult:
     def to(self, device: str | torch.device) -> LinearResult:
         return LinearResult(**{f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                                for f in fields(self)})
+
+    def tunable(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The stored values a block-wise reconstruction may move (arbq.methods.reconstruct), each as
+        (value v₀, step scale σ) with v = v₀ + p·σ for the tuned p: α and the column scales multiplicatively
+        (σ = |v₀|, so an unused slot stays 0), μ in units of its group's first scale (σ = |α[..., 0]|).
+        μ ≡ 0 (RC: not stored) and column scales ≡ 1 (mean form: not stored) are left out."""
+        out = {"alpha": (self.alpha, self.alpha.abs())}
+        if bool((self.mu != 0).any()):
+            out["mu"] = (self.mu, self.alpha[..., 0].abs())
+        if bool((self.col_scale != 1).any()):
+            out["col_scale"] = (self.col_scale, self.col_scale.abs())
+        return out
+
+    def with_values(self, values: dict[str, torch.Tensor]) -> LinearResult:
+        """A copy with the named value tensors (keys of `tunable`) replaced; the bits are shared."""
+        return replace(self, **values)
 
     def validate(self, name: str = "linear") -> None:
         """Raise ArbqError if the tensors' shapes disagree with each other."""

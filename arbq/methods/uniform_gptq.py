@@ -151,6 +151,9 @@ def _check(cfg: BinarizeConfig) -> None:
         raise ArbqError(f"gptq: bits must be one of {', '.join(map(str, BITS))}, got {cfg.bits}")
     if cfg.group < 1:
         raise ArbqError(f"gptq: group must be >= 1, got {cfg.group}")
+    if cfg.scale_dtype == "fp8":
+        raise ArbqError("gptq: scale_dtype fp8 is not a fit setting for gptq; fit with fp16 and pack with "
+                        "--scale-dtype fp8")
     if not 0 <= cfg.keep_columns < 0.5:
         raise ArbqError(f"gptq: keep_columns must be in [0, 0.5), got {cfg.keep_columns}")
 

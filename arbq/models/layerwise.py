@@ -130,6 +130,11 @@ def _to(obj: Any, device: str) -> Any:
     return obj
 
 
+def call_kwargs(layer: nn.Module, kwargs: dict[str, Any], device: str) -> dict[str, Any]:
+    """The keyword arguments `layer` is called with (a LayerKwargs' entry for it, or the one dict), on device."""
+    return _to(kwargs.for_layer(layer) if isinstance(kwargs, LayerKwargs) else kwargs, device)
+
+
 @torch.no_grad()
 def forward_layer(layer: nn.Module, x: Activations | torch.Tensor, kwargs: dict[str, Any], device: str = "cpu",
                   name: str = "layer", out: Activations | None = None, keep: bool = True
@@ -143,7 +148,7 @@ def forward_layer(layer: nn.Module, x: Activations | torch.Tensor, kwargs: dict[
         if not plain:
             raise ValueError("forward_layer: give `out` for an Activations input")
         out = TensorActivations(len(xs), "cpu")
-    kw = _to(kwargs.for_layer(layer) if isinstance(kwargs, LayerKwargs) else kwargs, device)
+    kw = call_kwargs(layer, kwargs, device)
     dtype = next(layer.parameters()).dtype
     for i in range(len(xs)):
         y = layer(xs.get(i)[None].to(device, dtype), **kw)

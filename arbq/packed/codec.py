@@ -84,9 +84,17 @@ def pack_linear(res: LinearResult, scheme: Scheme, scale_dtype: str = "fp16") ->
     if scheme.salient:
         out["salient"] = pack_bits(sal)
         out["sign2"] = pack_bits(res.sign2.bool()[:, sal])
+    out.update(encode_values(res, scheme, sal, scale_dtype))
+    return PackedLinear(spec, {name: t.contiguous() for name, t in out.items()})
+
+
+def encode_values(res: LinearResult, scheme: Scheme, sal: torch.Tensor, scale_dtype: str) -> dict[str, torch.Tensor]:
+    """The stored value tensors of `res` (sal: [K] bool, the stored salient columns): "values" [N, T, V] (the
+    scheme's α then μ slots), and for RC "colscale_ns" [C0, K − S] and "colscale_sal" [C1, S] (+ fp8 factors)."""
+    k, s = res.shape[1], int(sal.sum())
     vals = [res.alpha[:, :, kd, g, o] for kd, g, o in scheme.alpha_slots]
     vals += [res.mu[:, :, kd, g] for kd, g in scheme.mu_slots]
-    out.update(encode_scales(torch.stack(vals, dim=-1), scale_dtype, "values"))
+    out = encode_scales(torch.stack(vals, dim=-1), scale_dtype, "values")
     if scheme.rc:
         cs = res.col_scale.float()
         ns_cs = torch.stack([cs[g, o, ~sal] for g, o in scheme.cs_ns_slots]) if scheme.cs_ns_slots \
@@ -95,7 +103,29 @@ def pack_linear(res: LinearResult, scheme: Scheme, scale_dtype: str = "fp16") ->
             else torch.zeros(0, s)
         out.update(encode_scales(ns_cs, scale_dtype, "colscale_ns"))
         out.update(encode_scales(sal_cs, scale_dtype, "colscale_sal"))
-    return PackedLinear(spec, {name: t.contiguous() for name, t in out.items()})
+    return out
+
+
+def stored_values(res: LinearResult, scheme: Scheme, scale_dtype: str) -> dict[str, torch.Tensor]:
+    """{"alpha", "mu", "col_scale"} fp32 as `pack_linear` stores them in scale_dtype (fp8: with its per-tensor
+    factor) and `unpack_rows` reads them back; slots the scheme does not store keep res's values (no weight
+    uses them). res.with_values(stored_values(...)).dequantize() is the packed Ŵ."""
+    sal = res.salient.bool() if scheme.salient else torch.zeros(res.shape[1], dtype=torch.bool)
+    enc = encode_values(res, scheme, sal, scale_dtype)
+    vals = decode_scales(enc, "values")
+    alpha, mu, cs = res.alpha.detach().clone().float(), res.mu.detach().clone().float(), \
+        res.col_scale.detach().clone().float()
+    for i, (kd, g, o) in enumerate(scheme.alpha_slots):
+        alpha[:, :, kd, g, o] = vals[..., i]
+    for i, (kd, g) in enumerate(scheme.mu_slots, start=len(scheme.alpha_slots)):
+        mu[:, :, kd, g] = vals[..., i]
+    if scheme.rc:
+        ns_cs, sal_cs = decode_scales(enc, "colscale_ns"), decode_scales(enc, "colscale_sal")
+        for i, (g, o) in enumerate(scheme.cs_ns_slots):
+            cs[g, o, ~sal] = ns_cs[i]
+        for i, (g, o) in enumerate(scheme.cs_sal_slots):
+            cs[g, o, sal] = sal_cs[i]
+    return {"alpha": alpha, "mu": mu, "col_scale": cs}
 
 
 def unpack_rows(p: PackedLinear, r0: int = 0, r1: int | None = None) -> LinearResult:

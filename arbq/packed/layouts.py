@@ -38,24 +38,35 @@ def _pack_binary(res: Any, params: dict, scale_dtype: str, name: str = "linear")
     return codec.pack_linear(res, scheme, scale_dtype)
 
 
+def _stored_binary(res: Any, params: dict, scale_dtype: str) -> dict[str, torch.Tensor]:
+    """The binary-family results' values (α, μ, column scales) as the layout stores them (codec.stored_values);
+    an N:M result's are its base's."""
+    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    return codec.stored_values(getattr(res, "base", res), scheme, scale_dtype)
+
+
 @dataclass(frozen=True)
 class Layout:
     """name; spec_type: from_params(params, where) -> spec; pack(result, params, scale_dtype, name);
-    dequantize_rows(p, r0, r1) -> Ŵ[r0:r1] fp32; validate(p, name) raises ArbqError."""
+    dequantize_rows(p, r0, r1) -> Ŵ[r0:r1] fp32; validate(p, name) raises ArbqError; stored_values(result,
+    params, scale_dtype) -> the result's value tensors exactly as packed and read back (for results with
+    `with_values`; None: the fit's own rounding is what is stored)."""
 
     name: str
     spec_type: type
     pack: Callable[..., PackedLinear]
     dequantize_rows: Callable[[PackedLinear, int, int], torch.Tensor]
     validate: Callable[[PackedLinear, str], None]
+    stored_values: Callable[[Any, dict, str], dict[str, torch.Tensor]] | None = None
 
 
 LAYOUTS: dict[str, Layout] = {
     "binary": Layout("binary", LinearSpec, _pack_binary,
-                     lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed),
+                     lambda p, r0, r1: codec.unpack_rows(p, r0, r1).dequantize(), codec.validate_packed,
+                     _stored_binary),
     "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
-    "binary_nm": Layout("binary_nm", nm.NMSpec, nm.pack, nm.dequantize_rows, nm.validate),
-    "binary_lut": Layout("binary_lut", lut.LutSpec, lut.pack, lut.dequantize_rows, lut.validate),
+    "binary_nm": Layout("binary_nm", nm.NMSpec, nm.pack, nm.dequantize_rows, nm.validate, _stored_binary),
+    "binary_lut": Layout("binary_lut", lut.LutSpec, lut.pack, lut.dequantize_rows, lut.validate, _stored_binary),
 }
 
 

@@ -154,6 +154,13 @@ class NMResult:
         """Ŵ: [N, K] float32 = base.dequantize() · keep, exact zeros at pruned positions."""
         return _masked(self.base.dequantize(), self.keep)
 
+    def tunable(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The base binarization's tunable values (LinearResult.tunable); the mask stays."""
+        return self.base.tunable()
+
+    def with_values(self, values: dict[str, torch.Tensor]) -> NMResult:
+        return NMResult(self.base.with_values(values), self.keep, self.n, self.m)
+
 
 @dataclass(frozen=True)
 class NMSpec(BinaryBased):

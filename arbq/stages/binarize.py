@@ -13,6 +13,7 @@ streamed tensor by tensor; sequential activations live on the device, in CPU mem
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from arbq.errors import ArbqError
 from arbq.fileio import output_lock, sha256_file, write_json
+from arbq.methods import reconstruct
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.registry import get_method
 from arbq.models import arch as archmod
@@ -28,6 +30,7 @@ from arbq.models import layerwise, moe
 from arbq.models.activations import check_offload, scratch
 from arbq.models.lazy import LayerwiseModel, open_layerwise
 from arbq.models.loading import check_device, load_config, resolve
+from arbq.packed.layouts import layout_of
 from arbq.stages import calibrate as cal
 from arbq.stages.fake_model import write_fake_model
 from arbq.stages.run_dir import RUN_FORMAT, RunDir
@@ -216,6 +219,31 @@ def _binarize_layer(i: int, layer, spec, hess_for, cfg: BinarizeConfig, device: 
     return results, rows, methods
 
 
+def _tune(i: int, layer, spec, lin, results: dict, rows: list[dict], x, target, kwargs, cfg: BinarizeConfig,
+          device: str) -> tuple[dict, list[dict]]:
+    """Block-wise reconstruction of layer i's values (arbq.methods.reconstruct) on the calibration inputs x and
+    the full-precision outputs `target`; every report row of the layer gets the relative output error before
+    and after."""
+    dtype = next(layer.parameters()).dtype
+    store = {}
+    for n in results:
+        c = cfg.for_module(f"{spec.layers}.{i}.{n}")
+        rec = get_method(c.method)
+        if (fn := layout_of(rec.layout).stored_values) is not None:
+            store[n] = partial(fn, params=rec.layout_params(c), scale_dtype=c.scale_dtype)
+
+    def sample(s: int):
+        return x.get(s)[None].to(device, dtype), target.get(s)[None].to(device, dtype)
+
+    results, info = reconstruct.tune_layer(layer, lin, results, store, len(x), sample,
+                                           layerwise.call_kwargs(layer, kwargs, device),
+                                           reconstruct.TuneSettings(cfg.tune_epochs, cfg.tune_lr, seed=i),
+                                           name=f"layer {i}")
+    extra = {"tune_loss_before": round(info["loss_before"], 6), "tune_loss_after": round(info["loss_after"], 6),
+             "tune_seconds": round(info["seconds"], 2)}
+    return results, [{**r, **extra} for r in rows]
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True)
@@ -276,8 +304,14 @@ def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, 
             if i not in missing:
                 _apply(layer, lin, run.read_layer(i, list(spec.linears)))
             else:
+                target = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}",
+                                                 out=acts.new(len(samples))) if cfg.tune_epochs else None
                 hess_for = _hessian_source(layer, lin, spec, x, kwargs, device, i, cfg.true_sequential, hdtype)
                 results, rows, methods = _binarize_layer(i, layer, spec, hess_for, cfg, device, prog, task)
+                if target is not None:
+                    prog.update(task, description=f"layer {i} reconstruction")
+                    results, rows = _tune(i, layer, spec, lin, results, rows, x, target, kwargs, cfg, device)
+                    target.close()
                 run.write_layer(i, results, rows, methods)
             if i < len(net) - 1:
                 y = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}", out=acts.new(len(samples)))
