@@ -78,6 +78,8 @@ def binarize(
     tune_epochs: int = typer.Option(None, help="Block-wise reconstruction: Adam passes over the calibration "
                                                "samples tuning each layer's scales to its FP output (0 = off)."),
     tune_lr: float = typer.Option(None, help="Reconstruction step size (relative; default 1e-3)."),
+    tune_target: str = typer.Option(None, help="Reconstruction target: layer (the FP layer on the same inputs) | "
+                                               "model (the FP model's outputs of that layer)."),
     salient: str = typer.Option(None, help="Salience metric: hessian | magnitude."),
     search_on: str = typer.Option(None, help="Mask search errors on: weight (W) | salience (the reference's)."),
     split_quantiles: str = typer.Option(None, help="Split thresholds: members | with_zeros (the reference's)."),
@@ -101,7 +103,7 @@ def binarize(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
         split_error=split_error, bits=bits, group=group, act_order=act_order, keep_columns=keep_columns,
         nm=nm, nm_metric=nm_metric, nm_cfs=nm_cfs, blocksize=blocksize, percdamp=percdamp, salient=salient,
-        tune_epochs=tune_epochs, tune_lr=tune_lr,
+        tune_epochs=tune_epochs, tune_lr=tune_lr, tune_target=tune_target,
         search_on=search_on, split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,
                  layers=layers, device=device, resume=resume, offload=offload_activations,

@@ -31,6 +31,8 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosplit": ("rc-nosplit", {}),
     "rc-nosplit-b256": ("rc-nosplit", {"blocksize": 256}),
     "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
+    "rc+cgb-2bit": ("rc-cgb-2bit", {}),                   # b512, 16 salient, fp8, block-wise reconstruction
+    "rc+cgb-2bit-notune": ("rc-cgb-2bit", {"tune_epochs": 0}),
     # N:M pruning with binarization (issue 14): the stepwise method and the prune-then-binarize baseline
     **{f"{meth}-{n}of8": (meth, {"nm": f"{n}:8"}) for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
     "rc+cgb-noregroup": ("rc-cgb", {"regroup": 0}),       # the paper's split (arbq's default before regroup)
@@ -57,7 +59,8 @@ FLAGS = {"method": "--method", "cgb": ("--cgb", "--no-cgb"), "iters": "--iters",
          "salient": "--salient", "sequential": ("--sequential", "--no-sequential"), "bits": "--bits",
          "group": "--group", "keep_columns": "--keep-columns",
          "nm": "--nm", "nm_metric": "--nm-metric", "act_order": ("--act-order", "--no-act-order"),
-         "true_sequential": ("--true-sequential", "--no-true-sequential")}
+         "true_sequential": ("--true-sequential", "--no-true-sequential"), "tune_epochs": "--tune-epochs",
+         "tune_lr": "--tune-lr", "tune_target": "--tune-target"}
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,8 @@ def test_fp8_fit_is_packed_exactly_and_costs_little(problem, case):
 
 
 def _tiny_layer(seed: int = 0, n: int = 6, seqlen: int = 48, init: float = 0.1):
-    """Layer 0 of a tiny random Llama (weights N(0, init²)), its inputs X [n, S, D] from random token ids, call kwargs, and the
-    Hessians of its linears."""
+    """Layer 0 of a tiny random Llama (weights N(0, init²)), its inputs X [n, S, D] from random token ids, call
+    kwargs, and the Hessians of its linears."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -186,15 +186,17 @@ def _layer_files(run: Path) -> dict[str, dict[str, str]]:
     return {p.name: tensor_hashes(load_file(p)) for p in sorted((run / "layers").glob("*.safetensors"))}
 
 
+@pytest.mark.parametrize("target", ["layer", "model"])
 def test_tuned_fp8_run_packs_exactly_and_resumes_bit_for_bit(tiny_llama_dir, botchan, tmp_path, arbq_cli,
-                                                              monkeypatch, one_thread):
+                                                              monkeypatch, one_thread, target):
     """`arbq binarize --tune-epochs 2` with an fp8 recipe on a tiny model: every layer's report has its error
     before and after (after lower), `arbq pack` (fp8 from the recipe) gives the fake-quant logits and the
-    formula's bits, and a run resumed after losing its last layer writes the same tensors."""
+    formula's bits, and a run resumed after losing its last layer writes the same tensors (with target "model"
+    the resumed run rebuilds the full-precision stream through the finished layer)."""
     monkeypatch.setenv("ARBQ_KERNEL", "torch")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("binarize:\n  method: rc\n  cgb: true\n  blocksize: 32\n  max_salient: 8\n  regroup: 1\n"
-                      "  scale_dtype: fp8\n  tune_epochs: 2\n  tune_lr: 0.005\n")
+                      f"  scale_dtype: fp8\n  tune_epochs: 2\n  tune_lr: 0.005\n  tune_target: {target}\n")
     run, packed = tmp_path / "run", tmp_path / "packed"
     args = [tiny_llama_dir, "--recipe", recipe, "--data", botchan, "--nsamples", "4", "--seqlen", "32"]
     r = arbq_cli("binarize", "-o", run, *args)

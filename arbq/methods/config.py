@@ -13,11 +13,12 @@ from arbq.errors import ArbqError
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # keys that hold for the whole run (a per-module override cannot change them)
-GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs", "tune_epochs", "tune_lr")
+GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs", "tune_epochs", "tune_lr",
+               "tune_target")
 CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
            "scale_dtype": ("fp16", "bf16", "fp32", "fp8"), "salient": ("hessian", "magnitude"),
-           "nm_metric": ("hessian", "wanda"), "nm_base": ("rc", "x", "arb", "billm")}
+           "nm_metric": ("hessian", "wanda"), "tune_target": ("layer", "model"), "nm_base": ("rc", "x", "arb", "billm")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class BinarizeConfig:
                    scales; the bits stay) to the layer's full-precision output on the same inputs; 0 = off.
                    Needs sequential. Whole-run key
     tune_lr:       the reconstruction's Adam step size, relative (1e-3 ≈ 0.1% of a scale per step). Whole-run key
+    tune_target:   what a layer is tuned towards: "layer" (the full-precision layer on the same, already
+                   binarized, inputs) or "model" (the full-precision model's own outputs of that layer, from a
+                   second activation stream: each layer also makes up for the layers before it). Whole-run key
     sequential:    binarize layer i on inputs from binarized layers 0..i-1
     true_sequential: inside a layer, take each linear group's Hessian after the groups before it
                    were binarized (False = one full-precision pass for all linears, as the reference)
@@ -110,6 +114,7 @@ class BinarizeConfig:
     nm_cfs: int = 0
     tune_epochs: int = 0
     tune_lr: float = 1e-3
+    tune_target: str = "layer"
     sequential: bool = True
     true_sequential: bool = False
     overrides: tuple = ()

@@ -222,8 +222,9 @@ def _binarize_layer(i: int, layer, spec, hess_for, cfg: BinarizeConfig, device: 
 def _tune(i: int, layer, spec, lin, results: dict, rows: list[dict], x, target, kwargs, cfg: BinarizeConfig,
           device: str) -> tuple[dict, list[dict]]:
     """Block-wise reconstruction of layer i's values (arbq.methods.reconstruct) on the calibration inputs x and
-    the full-precision outputs `target`; every report row of the layer gets the relative output error before
-    and after."""
+    the full-precision outputs `target` (tune_target "layer": the FP layer on x; "model": the FP model's own
+    layer-i outputs, so a layer also makes up for the error of the layers before it); every report row of the
+    layer gets the relative output error before and after."""
     dtype = next(layer.parameters()).dtype
     store = {}
     for n in results:
@@ -297,26 +298,41 @@ def _sequential(net: LayerwiseModel, samples, run: RunDir, cfg: BinarizeConfig, 
     spec = net.spec
     with scratch(run.root, offload, device) as acts, _progress() as prog:
         x, kwargs = net.layer0_inputs(samples, device, acts.new(len(samples)))
+        x_fp = None                          # tune_target "model": the full-precision model's own stream
+        if cfg.tune_epochs and cfg.tune_target == "model":
+            x_fp = acts.new(len(samples))
+            for s in range(len(samples)):
+                x_fp.put(s, x.get(s))
         task = prog.add_task("binarize", total=len(net))
         for i in range(len(net)):
             layer = net.load_layer(i, device)
             lin = archmod.layer_linears(layer, spec)
+            y_fp = None
+            if x_fp is not None and any(j >= i for j in missing):
+                y_fp = layerwise.forward_layer(layer, x_fp, kwargs, device, name=f"layer {i}",
+                                               out=acts.new(len(samples)))
             if i not in missing:
                 _apply(layer, lin, run.read_layer(i, list(spec.linears)))
             else:
-                target = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}",
-                                                 out=acts.new(len(samples))) if cfg.tune_epochs else None
+                target = y_fp
+                if target is None and cfg.tune_epochs:          # tune_target "layer": FP layer, same inputs
+                    target = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}",
+                                                     out=acts.new(len(samples)))
                 hess_for = _hessian_source(layer, lin, spec, x, kwargs, device, i, cfg.true_sequential, hdtype)
                 results, rows, methods = _binarize_layer(i, layer, spec, hess_for, cfg, device, prog, task)
                 if target is not None:
                     prog.update(task, description=f"layer {i} reconstruction")
                     results, rows = _tune(i, layer, spec, lin, results, rows, x, target, kwargs, cfg, device)
-                    target.close()
+                    if target is not y_fp:
+                        target.close()
                 run.write_layer(i, results, rows, methods)
             if i < len(net) - 1:
                 y = layerwise.forward_layer(layer, x, kwargs, device, name=f"layer {i}", out=acts.new(len(samples)))
                 x.close()
                 x = y
+            if x_fp is not None:
+                x_fp.close()
+                x_fp = y_fp
             net.free_layer(i)
             prog.advance(task)
 
