@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
     "rc+cgb-2bit": ("rc-cgb-2bit", {}),                   # b512, 16 salient, fp8, block-wise reconstruction
     "rc+cgb-2bit-notune": ("rc-cgb-2bit", {"tune_epochs": 0}),
+    "rc-nosplit-tuned": ("rc-nosplit-tuned", {}),            # ≈ 1.4 bits: no group plane, reconstruction
     # N:M pruning with binarization (issue 14): the stepwise method and the prune-then-binarize baseline
     **{f"{meth}-{n}of8": (meth, {"nm": f"{n}:8"}) for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
     "rc+cgb-noregroup": ("rc-cgb", {"regroup": 0}),       # the paper's split (arbq's default before regroup)
