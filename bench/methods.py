@@ -31,6 +31,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosplit": ("rc-nosplit", {}),
     "rc-nosplit-b256": ("rc-nosplit", {"blocksize": 256}),
     "rc-nosalient": (None, {"method": "rc", "cgb": False, "max_salient": 0}),
+    "rc+cgb-tuned": ("rc-cgb-tuned", {}),                 # rc-cgb + block-wise reconstruction, same bits
     "rc+cgb-2bit": ("rc-cgb-2bit", {}),                   # b512, 16 salient, fp8, block-wise reconstruction
     "rc+cgb-2bit-notune": ("rc-cgb-2bit", {"tune_epochs": 0}),
     "rc-nosplit-tuned": ("rc-nosplit-tuned", {}),            # ≈ 1.4 bits: no group plane, reconstruction
