@@ -65,6 +65,9 @@ class BinarizeConfig:
     nm_base:       the binary strategy of the kept weights (rc | x | arb | billm)
     nm_stepwise:   pbs2p: prune one more weight per run of M per step, re-fitting in between (SPBO); false =
                    all at once per block
+    nm_compensate: pbs2p: after each step, OBS/GPTQ updates of the pruned entries inside the block, column by
+                   column, onto the block's later kept weights (the binarizer re-fits the updated survivors);
+                   false = what was pruned is compensated in the later blocks only
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
@@ -111,6 +114,7 @@ class BinarizeConfig:
     nm_metric: str = "hessian"
     nm_base: str = "rc"
     nm_stepwise: bool = True
+    nm_compensate: bool = False
     nm_cfs: int = 0
     tune_epochs: int = 0
     tune_lr: float = 1e-3

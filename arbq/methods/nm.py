@@ -12,6 +12,8 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
      current binarization,  Δ_ij = (w_ij² − (w_ij − ŵ_ij)²) · c_j,  c_j = 1/d_j² ("hessian", OBS's weight of
      column j) or H_jj ∝ ‖X_j‖² ("wanda"); then re-fit every group on the survivors (ARB iterations)
   compensation: Err = (W_b − Ŵ)/d with Ŵ = 0 at pruned entries, W[:, later] −= Err·U[b, later]
+  (nm_compensate: after each step, `compensate_pruned` moves the block's later survivors by the OBS updates of
+   what that step pruned, and the errors it applied inside the block are added to Err for the later blocks)
   (nm_stepwise false: all M − N entries of a run pruned at once by Δ⁰ — the one-shot ablation)
 
 stbllm (the prune-then-binarize baseline): the N:M mask of the whole W from the same metric on the
@@ -78,6 +80,23 @@ def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
     return _trim_tail(score, prune_lowest(score, keep, m, m - n), n, m)
 
 
+def compensate_pruned(Wb: Tensor, keep: Tensor, Ub: Tensor) -> tuple[Tensor, Tensor]:
+    """OBS/GPTQ updates for the pruned entries of one block, column by column (U_b: the block's part of the
+    upper Cholesky factor of H⁻¹): for j = 0 … C − 1,
+        e_j = W[:, j] ∘ (1 − keep[:, j]) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]
+    Wb, keep: [N, C]; U_b: [C, C] → (W' [N, C] with pruned entries 0 and the survivors updated, E [N, C]: the
+    errors still owed to the later blocks, W[:, later] −= E · U[block, later]). Entries pruned earlier are 0
+    and only carry the updates they receive from columns before them."""
+    W = Wb.clone()
+    E = torch.zeros_like(W)
+    drop = (~keep).to(W.dtype)
+    for j in range(W.shape[1]):
+        e = W[:, j] * drop[:, j] / Ub[j, j]
+        W[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
+        E[:, j] = e
+    return W * keep, E
+
+
 def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:
     """c_j of the module docstring: 1/d_j² (hessian) or H_jj (wanda)."""
     return 1.0 / (d * d) if metric == "hessian" else hdiag
@@ -110,21 +129,26 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         Wb, d, S = W[:, s:e], d_all[s:e], H[s:e, s:e]
         c = column_weight(cfg.nm_metric, d, hdiag[s:e])[None, :]
         salient, group = choose_masks(Wb, d, S, method, cfg)
+        owed = torch.zeros_like(Wb)                      # pruning errors compensated inside the block
         if fixed is not None:
             keep = fixed[:, s:e]
         else:
             keep = torch.ones_like(Wb, dtype=torch.bool)
             steps = (m - n) if stepwise else 1
-            for _ in range(steps):
+            for step in range(steps):
                 w_hat = fit_block(Wb, salient, group, S, method, cfg, keep).w_hat
                 delta = (Wb * Wb - (Wb - w_hat) ** 2) * c
                 keep = prune_lowest(delta, keep, m, 1 if stepwise else m - n)
-            keep = _trim_tail(Wb * Wb * c, keep, n, m)
+                if step == steps - 1:
+                    keep = _trim_tail(Wb * Wb * c, keep, n, m)
+                if cfg.nm_compensate:
+                    Wb, E = compensate_pruned(Wb, keep, U[s:e, s:e])
+                    owed += E
         fit = round_scales(fit_block(Wb, salient, group, S, method, cfg, keep), cfg.scale_dtype)
         fit.w_hat = fit.w_hat * keep
         blocks.append(fit)
         keeps.append(keep)
-        err = (Wb - fit.w_hat) / d[None, :]
+        err = (Wb - fit.w_hat) / d[None, :] + owed
         W[:, e:] -= err @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
     res = NMResult(stored(_assemble(blocks, B), _layout_params(cfg), cfg.scale_dtype), torch.cat(keeps, 1), n, m)
@@ -150,7 +174,7 @@ def _check(cfg: BinarizeConfig) -> None:
                         "must not cross a block)")
 
 
-NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise")
+NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate")
 
 
 def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
