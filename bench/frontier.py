@@ -72,8 +72,7 @@ def plot(res: dict, path: Path) -> Path | None:
     for p in pts:
         ax.scatter(p["bits"], p["ppl"], color="tab:red" if p["name"].startswith("gptq") else "tab:blue",
                    marker="o" if p["pareto"] else "x", zorder=3)
-        if p["pareto"] or len(pts) <= LABEL_ALL:   # a crowded plot names the frontier only (the table has all)
-            ax.annotate(p["name"], (p["bits"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    named = [p for p in pts if p["pareto"] or len(pts) <= LABEL_ALL]   # crowded: the frontier only (the table has all)
     front = [p for p in pts if p["pareto"]]
     ax.plot([p["bits"] for p in front], [p["ppl"] for p in front], color="gray", lw=1, ls="--", zorder=2)
     if fp_ppl(res):
@@ -87,10 +86,34 @@ def plot(res: dict, path: Path) -> Path | None:
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    _place_labels(fig, ax, named)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# label offsets in points, tried in order: right, then below, above, left and further out
+OFFSETS = [(5, 3), (5, -10), (5, 10), (-5, 3), (-5, -10), (5, -20), (5, 20), (-5, 16), (-5, -22)]
+
+
+def _place_labels(fig, ax, named: list[dict]) -> None:
+    """Annotate each point with its name at the first offset whose text box overlaps no label placed
+    before it (nor leaves the axes); the last offset tried stays if none is free."""
+    renderer = fig.canvas.get_renderer()
+    frame, boxes = ax.get_window_extent(renderer), []
+    for p in named:
+        for dx, dy in OFFSETS:
+            t = ax.annotate(p["name"], (p["bits"], p["ppl"]), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+                            ha="left" if dx > 0 else "right", va="center",
+                            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "gray", "shrinkA": 0, "shrinkB": 3})
+            box = t.get_window_extent(renderer).expanded(1.02, 1.1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in boxes):
+                break
+            if (dx, dy) != OFFSETS[-1]:
+                t.remove()
+        boxes.append(box)
 
 
 def main(argv: list[str] | None = None) -> None:
