@@ -39,6 +39,9 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     **{f"{meth}-{n}of8": (meth, {"nm": f"{n}:8"}) for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
     "pbs2p-6of8-tuned": ("pbs2p-tuned", {}),                # pbs2p 6:8 + block-wise reconstruction, same bits
     "stbllm-6of8-tuned": ("stbllm", {"tune_epochs": 4, "tune_lr": 0.01, "tune_target": "model"}),
+    # STBLLM's own binarizer family (BiLLM's structure; its trisection is not built) under the same one-shot mask
+    **{f"stbllm-billm-{n}of8": ("stbllm", {"nm": f"{n}:8", "nm_base": "billm", "cgb": False, "regroup": 0})
+       for n in (6, 5, 4)},
     "rc+cgb-noregroup": ("rc-cgb", {"regroup": 0}),       # the paper's split (arbq's default before regroup)
     # the k-bit baseline at group 64 (the comparison with llm-compressor's GPTQ at the same setting)
     "gptq-4b": ("gptq-4b-g64", {}),
