@@ -30,11 +30,9 @@ def stored(res: LinearResult, params: dict, scale_dtype: str) -> LinearResult:
     were rounded already), fp8's per-tensor factor and e4m3 rounding applied once the linear is complete."""
     if scale_dtype != "fp8":
         return res
-    from arbq.packed.codec import stored_values
-    from arbq.packed.format import Scheme
+    from arbq.packed.layouts import layout_of
 
-    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
-    return res.with_values(stored_values(res, scheme, scale_dtype))
+    return res.with_values(layout_of("binary").stored_values(res, params, scale_dtype))
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:

@@ -22,6 +22,7 @@ on all samples is lower than before (so a layer never gets worse on its calibrat
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,6 @@ def tune_layer(layer: nn.Module, lin: dict[str, nn.Module], results: dict[str, A
     tuned values where they improved; {"loss_before", "loss_after", "seconds"}: the mean relative error
     over all samples with the stored (rounded) values). The layer's weights are left at the returned results'
     Ŵ."""
-    import time
-
     t0 = time.perf_counter()
     wname = _weight_names(layer, lin)
     tuned = {k: r for k, r in results.items() if k in wname and k in store and hasattr(r, "tunable")}

@@ -30,4 +30,4 @@ def scheme_for(method: str, cgb: bool) -> Scheme:
     if rec.layout != "binary":
         raise ArbqError(f"cannot pack method {method!r} in the binary layout (it writes {rec.layout!r})")
     params = rec.layout_params(BinarizeConfig(method=method, cgb=cgb))
-    return Scheme(**{k: params[k] for k in ("rc", "salient", "group", "cgb")})
+    return Scheme.from_params(params)

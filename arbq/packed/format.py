@@ -84,6 +84,11 @@ class Scheme:
     group: bool
     cgb: bool
 
+    @classmethod
+    def from_params(cls, params: dict) -> Scheme:
+        """The scheme of a method's layout params (its rc, salient, group and cgb flags; other keys ignored)."""
+        return cls(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+
     def groups(self, kind: int) -> tuple[int, ...]:
         return (0, 1) if (self.group if kind == 0 else self.cgb) else (0,)
 

@@ -33,7 +33,7 @@ def _pack_binary(res: Any, params: dict, scale_dtype: str, name: str = "linear")
     """params: the Scheme flags (rc, salient, group, cgb) and the recipe's blocksize."""
     if res.blocksize != params["blocksize"]:
         raise ArbqError(f"{name}: result blocksize {res.blocksize} does not match the recipe's {params['blocksize']}")
-    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    scheme = Scheme.from_params(params)
     codec.check_representable(res, scheme, name)
     return codec.pack_linear(res, scheme, scale_dtype)
 
@@ -41,7 +41,7 @@ def _pack_binary(res: Any, params: dict, scale_dtype: str, name: str = "linear")
 def _stored_binary(res: Any, params: dict, scale_dtype: str) -> dict[str, torch.Tensor]:
     """The binary-family results' values (α, μ, column scales) as the layout stores them (codec.stored_values);
     an N:M result's are its base's."""
-    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    scheme = Scheme.from_params(params)
     return codec.stored_values(getattr(res, "base", res), scheme, scale_dtype)
 
 

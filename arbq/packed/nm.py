@@ -269,7 +269,7 @@ def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") ->
     if res.blocksize != params["blocksize"]:
         raise ArbqError(f"{name}: result blocksize {res.blocksize} does not match the recipe's {params['blocksize']}")
     res.validate(name)
-    scheme = Scheme(**{f: params[f] for f in ("rc", "salient", "group", "cgb")})
+    scheme = Scheme.from_params(params)
     check_representable(res, scheme, name)
     p = codec.pack_linear(res.base, scheme, scale_dtype)
     k = res.shape[1]
