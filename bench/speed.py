@@ -117,7 +117,9 @@ def _backend(device: str) -> str:
         return "triton" if triton_gpu.triton is not None else "torch fallback (Triton not installed)"
     from arbq.kernels import cpu
 
-    return "cpu (C++ kernel)" if cpu.extension() is not None else "torch fallback (C++ kernel did not build)"
+    ext = cpu.extension()
+    # features: the compiled paths, e.g. avx512+fp16+bf16+lut16 (+lut16: batch-1 lookups with int16 tables)
+    return f"cpu (C++ kernel: {ext.features()})" if ext is not None else "torch fallback (C++ kernel did not build)"
 
 
 class _Clock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from packing_utils import FLAVOURS, check_bf16_prefill, random_result
@@ -10,8 +12,9 @@ from arbq import kernels
 from arbq.errors import ArbqError
 from arbq.kernels import cpu
 from arbq.methods.registry import scheme_for
+from arbq.packed import lut
 from arbq.packed.binary_linear import BinaryLinear
-from arbq.packed.codec import pack_linear
+from arbq.packed.codec import full_col_scale, pack_linear
 
 SHAPES = [(37, 200, 32), (64, 256, 128), (5, 24, 8), (9, 520, 64), (1, 136, 16), (11, 204, 32)]   # 204: K % 16 = 12
 
@@ -51,7 +54,8 @@ def test_cpu_kernel_matches_torch(ext, method, cgb, n, k, bs, sd):
     p = lin.packed()
     x = torch.randn(3, k)
     want = kernels.backend("torch").matmul(p, x, {})
-    for mode, tol in ((0, 1e-5), (1, 1e-5), (2, 3e-3), (3, 1e-5)):    # scalar, fp32 lanes, fp16 lanes, lookup
+    # scalar, fp32 lanes, fp16 lanes, lookup with int16 tables (x rounded to 15 bits per block), fp32 tables
+    for mode, tol in ((0, 1e-5), (1, 1e-5), (2, 3e-3), (3, 1e-3), (4, 1e-5)):
         assert _rel(cpu.matmul(p, x, {}, mode=mode), want) < tol, mode
     cache: dict = {}
     cpu.matmul(p, x, cache, mode=cpu.LUT)
@@ -73,7 +77,46 @@ def test_lookup_kernel_layout_reads_every_bit(ext):
         t[i, j // 8] ^= 1 << (j % 8)
         p2 = type(p)(p.spec, {**p.tensors, plane: t})
         want = kernels.backend("torch").matmul(p2, x, {})
-        assert _rel(cpu.matmul(p2, x, {}, mode=cpu.LUT), want) < 1e-5, plane
+        assert _rel(cpu.matmul(p2, x, {}, mode=cpu.LANE_MODES["lut32"]), want) < 1e-5, plane
+
+
+def _int16_emulation(q, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What the int16-table GEMV computes for an rc layer without salient columns, independently: per block t
+    and group h, z_h = c_h ⊙ x (fp32), q = rint(z_h · (16383 / max_t |z_h|)) and z'_h = q · max_t |z_h| / 16383;
+    y = Σ_j Ŵ_ij z'_{g_ij, j} / c_{g_ij, j} (float64)."""
+    k, bs = q.spec.in_features, q.spec.blocksize
+    cs = full_col_scale(q).reshape(4, k)
+    w = BinaryLinear.from_packed(q).dequantize().double()
+    y = torch.zeros(w.shape[0], dtype=torch.float64)
+    for h, row in ((0, 0), (1, 2)):                          # group 0 / 1 use column-scale rows 0 / 2
+        z = cs[row].float() * x[0].float()
+        zq = torch.zeros(k, dtype=torch.float64)
+        for t0 in range(0, k, bs):
+            zt = z[t0:t0 + bs]
+            m = zt.abs().max()
+            inv = torch.tensor(16383.0) / m
+            zq[t0:t0 + bs] = torch.round(zt * inv).double() * float(m / torch.tensor(16383.0))
+        y += ((w * (g == h)) / cs[row].double()) @ zq
+    return y
+
+
+def test_lookup_int16_tables_round_only_the_inputs(ext):
+    """The int16-table lookup equals an independent emulation of its one rounding (x per block to 15 bits),
+    odd quad count (K = 260) and a partial last block included; its error against exact fp32 stays below
+    the rounding bound and 10x above the fp32 tables' (so the int16 path is the one that ran)."""
+    if "+lut16" not in ext.features():
+        pytest.skip("CPU without AVX512-VNNI / VBMI: no int16 tables")
+    res = random_result(40, 260, "rc", True, 64, seed=4)
+    res = dataclasses.replace(res, salient=torch.zeros_like(res.salient))
+    q = lut.from_binary(pack_linear(res, scheme_for("rc", True), "fp16"))
+    x = torch.randn(1, 260, generator=torch.Generator().manual_seed(5))
+    x[0, ::37] *= 50                                           # outliers widen their blocks' steps
+    y16 = cpu.matmul(q, x, {}, mode=cpu.LUT)[0].double()
+    assert _rel(y16, _int16_emulation(q, res.group, x)) < 2e-6
+    exact = BinaryLinear.from_packed(q).dequantize().double() @ x[0].double()
+    e16 = _rel(y16, exact)
+    e32 = _rel(cpu.matmul(q, x, {}, mode=cpu.LANE_MODES["lut32"])[0].double(), exact)
+    assert 10 * e32 < e16 < 1e-3
 
 
 def test_cpu_kernel_fp16_lanes_fall_back_for_large_x(ext):

@@ -51,6 +51,11 @@
 #else
 #define ARBQ_FP16 0
 #endif
+#if ARBQ_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define ARBQ_LUT16 1      // int16 tables: vpermw lookups, vpdpwssd sums (binary_gemv_lut_avx512.cpp)
+#else
+#define ARBQ_LUT16 0
+#endif
 
 namespace {
 
@@ -378,8 +383,8 @@ Lut make_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t
   TORCH_CHECK(vt.scalar_type() == torch::kHalf || vt.scalar_type() == torch::kFloat, "arbq: lut values fp16 or fp32");
   TORCH_CHECK(s2w.scalar_type() == torch::kInt16 && s2w.numel() == L.N16 * L.S, "arbq: lut sign2 words [N16, S] int16");
   TORCH_CHECK(soff.numel() == L.T + 1 && pos.numel() == NSLOT && (!L.rc || cs.numel() == 4 * K), "arbq: lut index tensors");
-  for (int64_t p = 0; p < L.S; ++p)
-    TORCH_CHECK(sidx.data_ptr<int32_t>()[p] >= 0 && sidx.data_ptr<int32_t>()[p] < K, "arbq: lut salient index out of range");
+  const int32_t* si = sidx.data_ptr<int32_t>();
+  for (int64_t p = 0; p < L.S; ++p) TORCH_CHECK(si[p] >= 0 && si[p] < K, "arbq: lut salient index out of range");
   L.V = vt.size(2); L.vhalf = vt.scalar_type() == torch::kHalf; L.vt = vt.data_ptr();
   L.codes = codes.data_ptr<uint8_t>();
   L.s2w = reinterpret_cast<const uint16_t*>(ptr<int16_t>(s2w));
@@ -389,12 +394,16 @@ Lut make_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t
   return L;
 }
 
-torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, std::vector<bool> flags) {
+// table_bits 16: int16 tables where compiled (ARBQ_LUT16) and B % 8 == 0, else fp32 (32).
+torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, std::vector<bool> flags,
+                          int64_t table_bits) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
+  TORCH_CHECK(table_bits == 16 || table_bits == 32, "arbq: table_bits must be 16 or 32");
   const int64_t K = x.size(1);
   const Lut L = make_lut(ts, K, N, B, flags);
+  const bool i16 = ARBQ_LUT16 && table_bits == 16 && B % 8 == 0;
   auto y = torch::empty({x.size(0), N}, torch::kFloat);
-  for (int64_t m = 0; m < x.size(0); ++m) gemv_lut(L, x.data_ptr<float>() + m * K, K, N, y.data_ptr<float>() + m * N);
+  for (int64_t m = 0; m < x.size(0); ++m) gemv_lut(L, x.data_ptr<float>() + m * K, K, N, y.data_ptr<float>() + m * N, i16);
   return y;
 }
 
@@ -420,7 +429,8 @@ std::string features() {
 #else
   const bool bf16 = false;
 #endif
-  return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "") + (bf16 ? "+bf16" : "");
+  return std::string(ARBQ_AVX512 ? "avx512" : "scalar") + (ARBQ_FP16 ? "+fp16" : "") + (bf16 ? "+bf16" : "") +
+         (ARBQ_LUT16 ? "+lut16" : "");
 }
 
 }  // namespace

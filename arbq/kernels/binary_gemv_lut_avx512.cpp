@@ -16,6 +16,15 @@
 // column j's quad, n2 the complement of the stored sign2 word), with g chosen per row:
 //   y += (a1g_1 - a0g) s1 z_g0 + a1g_2 s2 z_g1 [+ (m1g - m0g) x]
 // accumulated as sums over all salient columns of the block and over those with g = 1.
+//
+// int16 tables (ARBQ_LUT16, block size a multiple of 8, the default): z_0, z_1 and x are rounded per block t to
+// integers q = rint(z / s_t), s_t = max_{j in t} |z_j| / 16383, so every pair entry fits int16 and a block's
+// sums are exact in int32; U = s_t (sum of q), etc. Two quads of one row group are read at once: vpermb puts
+// row r's byte of quad 2o in word 2r and of quad 2o+1 in word 2r+1, vpermw looks 32 words up in a 32-entry
+// table (pairs 4o | 4o+2 for the low nibbles, 4o+1 | 4o+3 for the high ones; the index's bit 4 = the word's
+// parity) and vpdpwssd adds words 2r and 2r+1 into row r's int32 lane. Per output the error is at most
+// 1/2 s_t |a| per column of the non-salient pass (about 1e-5 of |y| for Gaussian x); the salient correction
+// stays fp32.
 
 struct Lut {
   int64_t N16, KQ, T, B, V, S;
@@ -46,9 +55,86 @@ struct LutCall {
   const float* tx_blk;         // [T] sum of x over the block (non-RC means)
   const float* zs;             // [S, 5]: z00, z01, z10, z11, x at each salient column
   const float* txs_blk;        // [T] sum of x over the block's salient columns
+  const int16_t *qu, *qv, *qx;  // int16 tables [KO, 2, 32] (KO = ceil(KQ / 2)), or null: fp32 tables
+  const float *su, *sv, *sx;    // [T] their per-block steps s_t
 };
 
-template <int R, bool RC, bool CGB>
+#if ARBQ_LUT16
+// Sums of block t from int16 tables into U, V, X (fp32, the step applied): the module comment's int16 pass.
+template <int R, bool RC>
+inline void block_sums16(const Lut& L, const LutCall& c, const uint8_t* const* cp, int64_t t, __m512* U, __m512* V,
+                         __m512* X) {
+  const int64_t opb = L.B / 8, KO = (L.KQ + 1) / 2, o1 = std::min((t + 1) * opb, KO);
+  alignas(64) static const struct Spread { uint8_t b[64]; Spread() { for (int i = 0; i < 64; ++i) b[i] = (i & 1) ? 0 : (i & 2 ? 16 : 0) + i / 4; } } spread;
+  const __m512i sidx = _mm512_load_si512(spread.b), m0f = _mm512_set1_epi16(0x0F), odd = _mm512_set1_epi32(0x00100000),
+                ones = _mm512_set1_epi16(1);
+  __m512i Ui[R], Vi[R], Xi[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) Ui[r] = Vi[r] = Xi[r] = _mm512_setzero_si512();
+  for (int64_t o = t * opb; o < o1; ++o) {
+    const __m512i u0 = _mm512_load_si512(c.qu + 64 * o), u1 = _mm512_load_si512(c.qu + 64 * o + 32);
+    const __m512i v0 = _mm512_load_si512(c.qv + 64 * o), v1 = _mm512_load_si512(c.qv + 64 * o + 32);
+    __m512i x0, x1;
+    if (!RC) { x0 = _mm512_load_si512(c.qx + 64 * o); x1 = _mm512_load_si512(c.qx + 64 * o + 32); }
+    const bool whole = 2 * o + 1 < L.KQ;         // the last octet of an odd KQ has one quad
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* b = cp[r] + 32 * o;
+      const __m256i raw = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))
+                                : _mm256_maskz_loadu_epi8(0xFFFFu, b);
+      const __m512i w = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, sidx, _mm512_castsi256_si512(raw));
+      const __m512i i0 = _mm512_ternarylogic_epi32(w, m0f, odd, 0xEA);             // (w & 0xF) | parity << 4
+      const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), m0f, odd, 0xEA);
+      Ui[r] = _mm512_dpwssd_epi32(Ui[r], _mm512_permutexvar_epi16(i0, u0), ones);
+      Vi[r] = _mm512_dpwssd_epi32(Vi[r], _mm512_permutexvar_epi16(i0, v0), ones);
+      Ui[r] = _mm512_dpwssd_epi32(Ui[r], _mm512_permutexvar_epi16(i1, u1), ones);
+      Vi[r] = _mm512_dpwssd_epi32(Vi[r], _mm512_permutexvar_epi16(i1, v1), ones);
+      if (!RC) {
+        Xi[r] = _mm512_dpwssd_epi32(Xi[r], _mm512_permutexvar_epi16(i0, x0), ones);
+        Xi[r] = _mm512_dpwssd_epi32(Xi[r], _mm512_permutexvar_epi16(i1, x1), ones);
+      }
+    }
+  }
+  const __m512 su = _mm512_set1_ps(c.su[t]), sv = _mm512_set1_ps(c.sv[t]), sx = RC ? su : _mm512_set1_ps(c.sx[t]);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    U[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(Ui[r]), su);
+    V[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(Vi[r]), sv);
+    if (!RC) X[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(Xi[r]), sx);
+  }
+}
+#endif
+
+// Sums of block t from fp32 tables into U, V, X: the module comment's non-salient pass.
+template <int R, bool RC>
+inline void block_sums32(const Lut& L, const LutCall& c, const uint8_t* const* cp, int64_t t, __m512* U, __m512* V,
+                         __m512* X) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) U[r] = V[r] = X[r] = _mm512_setzero_ps();
+  const int64_t qpb = L.B / 4, q1 = std::min((t + 1) * qpb, L.KQ);
+  for (int64_t q = t * qpb; q < q1; ++q) {
+    const float* tq = c.tu + 32 * q;
+    const __m512 u0 = _mm512_load_ps(tq), u1 = _mm512_load_ps(tq + 16);
+    const __m512 v0 = _mm512_load_ps(c.tv + 32 * q), v1 = _mm512_load_ps(c.tv + 32 * q + 16);
+    __m512 x0, x1;
+    if (!RC) { x0 = _mm512_load_ps(c.tx + 32 * q); x1 = _mm512_load_ps(c.tx + 32 * q + 16); }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp[r] + 16 * q)));
+      const __m512i i1 = _mm512_srli_epi32(i0, 4);
+      U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i0, u0));
+      V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i0, v0));
+      U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i1, u1));
+      V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i1, v1));
+      if (!RC) {
+        X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i0, x0));
+        X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i1, x1));
+      }
+    }
+  }
+}
+
+template <int R, bool RC, bool CGB, bool I16>
 void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_out) {
   __m512 y[R];
   const uint8_t* cp[R];
@@ -59,33 +145,14 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
     cp[r] = L.codes + (rg0 + r) * L.KQ * 16;
     mp[r] = L.s2w + (rg0 + r) * L.S;
   }
-  const int64_t qpb = L.B / 4;
   const __m512 sgn = _mm512_set1_ps(-0.f);
   for (int64_t t = 0; t < L.T; ++t) {
     __m512 U[R], V[R], X[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) U[r] = V[r] = X[r] = _mm512_setzero_ps();
-    const int64_t q1 = std::min((t + 1) * qpb, L.KQ);
-    for (int64_t q = t * qpb; q < q1; ++q) {
-      const float* tq = c.tu + 32 * q;
-      const __m512 u0 = _mm512_load_ps(tq), u1 = _mm512_load_ps(tq + 16);
-      const __m512 v0 = _mm512_load_ps(c.tv + 32 * q), v1 = _mm512_load_ps(c.tv + 32 * q + 16);
-      __m512 x0, x1;
-      if (!RC) { x0 = _mm512_load_ps(c.tx + 32 * q); x1 = _mm512_load_ps(c.tx + 32 * q + 16); }
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m512i i0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp[r] + 16 * q)));
-        const __m512i i1 = _mm512_srli_epi32(i0, 4);
-        U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i0, u0));
-        V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i0, v0));
-        U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i1, u1));
-        V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i1, v1));
-        if (!RC) {
-          X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i0, x0));
-          X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i1, x1));
-        }
-      }
-    }
+#if ARBQ_LUT16
+    if (I16) block_sums16<R, RC>(L, c, cp, t, U, V, X);
+    else
+#endif
+      block_sums32<R, RC>(L, c, cp, t, U, V, X);
     // salient columns of the block: sums over all of them (A) and over those in group 1 (G)
     __m512 Q1a[R], Q1g[R], Q2a[R], Q2g[R], XSg[R];
 #pragma GCC unroll 4
@@ -150,33 +217,82 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
   }
 }
 
-template <bool RC, bool CGB>
+template <bool RC, bool CGB, bool I16>
 void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
+  // R row groups per tile share each table load (8 spills the salient sums: 10-15% slower, measured)
   constexpr int R = 4;
   const int64_t tiles = L.N16 / R;
   // at least ~128K weights per thread, and one thread below 1024 rows: a fork/join costs microseconds and
   // the second core first pulls the call's tables (16 floats per column pair) from the first one's cache
   // (measured at 576 × 576: 19 µs on one thread, 25 µs on two; 576 × 1536: 47 vs 60 µs)
   const int64_t grain = 16 * L.N16 < 1024 ? std::max<int64_t>(tiles, 1)
-                                          : std::max<int64_t>(1, (131072 + 64 * 4 * L.KQ - 1) / (64 * 4 * L.KQ));
+                                          : std::max<int64_t>(1, (131072 + 16 * R * 4 * L.KQ - 1) / (16 * R * 4 * L.KQ));
   at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB>(L, c, g * R, N, y);
+    for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB, I16>(L, c, g * R, N, y);
   });
-  for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB>(L, c, rg, N, y);
+  for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB, I16>(L, c, rg, N, y);
 }
 
-// y [N] = W x for one x row [K]: tables and salient inputs once per call, then the tiles.
-void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y) {
-  const int64_t np = 2 * L.KQ, kp = 4 * L.KQ;
-  std::vector<float> z(2 * kp, 0.f);
-  float *z0 = z.data(), *z1 = z0 + kp;
-  for (int64_t j = 0; j < K; ++j) {
-    z0[j] = L.rc ? L.cs[j] * x[j] : x[j];
-    z1[j] = L.rc ? L.cs[2 * K + j] * x[j] : x[j];
+#if ARBQ_LUT16
+// int16 tables of one input vector v [4 KQ] (zero past K): per block t, q_j = rint(v_j / s_t) with
+// s_t = max_{j in t} |v_j| / 16383 (0 for an all-zero block), then the 16 entries of each pair (pa, pb: the
+// code's contribution patterns, as the fp32 tables) in the octet order of block_sums16: out [KO, 2, 32] =
+// (pairs 4o | 4o+2, pairs 4o+1 | 4o+3). Entries are integers |e| <= 32766, built exactly in fp32.
+void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, int16_t* out, float* step) {
+  const int64_t kp = 4 * L.KQ, np = 2 * L.KQ, KO = (L.KQ + 1) / 2;
+  static thread_local std::vector<float> q;
+  if (q.size() < static_cast<size_t>(kp)) q.assign(kp, 0.f);
+  for (int64_t t = 0; t < L.T; ++t) {
+    const int64_t j0 = t * L.B, j1 = std::min(kp, j0 + L.B);
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j += 16) {
+      const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
+      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, v + j)));
+    }
+    const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? 16383.f / mx : 0.f;
+    step[t] = mx / 16383.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t j = j0; j < j1; j += 16) {
+      const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vinv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_mask_storeu_ps(q.data() + j, k, r);
+    }
   }
-  // tables: 16 codes per pair; code bit 0/2: sign of column a/b (1: +), bit 1/3: group of column a/b
-  auto* tab = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * 16 * np * 3));
-  float *tu = tab, *tv = tab + 16 * np, *tx = tab + 32 * np;
+  for (int64_t o = 0; o < KO; ++o)
+    for (int half = 0; half < 2; ++half)
+      for (int side = 0; side < 2; ++side) {
+        const int64_t p = 4 * o + half + 2 * side;     // the pair in this 16-entry slot
+        const __m512 e = p < np ? _mm512_fmadd_ps(_mm512_set1_ps(q[2 * p]), pa, _mm512_mul_ps(_mm512_set1_ps(q[2 * p + 1]), pb))
+                                : _mm512_setzero_ps();
+        _mm256_store_si256(reinterpret_cast<__m256i*>(out + 64 * o + 32 * half + 16 * side),
+                           _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(e)));
+      }
+}
+#endif
+
+// y [N] = W x for one x row [K]: tables and salient inputs once per call, then the tiles. i16: int16 tables
+// (needs ARBQ_LUT16 and B % 8 == 0), else fp32.
+void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool i16) {
+  const int64_t np = 2 * L.KQ, kp = 4 * L.KQ, ko = (L.KQ + 1) / 2;
+  // one scratch per calling thread, grown when needed (a fresh allocation of the tables costs page faults
+  // that, at small N, take longer than the lookups): z0, z1, x [kp] each, then the tables, 64-byte aligned
+  const int64_t tab_floats = 3 * 16 * np;   // fp32 [3][np, 16]; int16 [3][KO, 2, 32] takes half
+  static thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>(3 * kp + tab_floats + 16);
+  if (scratch.size() < need) scratch.assign(need, 0.f);
+  float *z0 = scratch.data(), *z1 = z0 + kp, *xp = z1 + kp;
+  float* tab = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xp + kp) + 63) & ~uintptr_t(63));
+  std::memcpy(xp, x, sizeof(float) * K);
+  if (L.rc) {
+    const float *c0 = L.cs, *c1 = L.cs + 2 * K;
+    for (int64_t j = 0; j < K; ++j) { z0[j] = c0[j] * x[j]; z1[j] = c1[j] * x[j]; }
+  } else {
+    std::memcpy(z0, x, sizeof(float) * K);
+    std::memcpy(z1, x, sizeof(float) * K);
+  }
+  for (int64_t j = K; j < kp; ++j) z0[j] = z1[j] = xp[j] = 0.f;
+  // code bit 0/2: sign of column a/b (1: +), bit 1/3: group of column a/b
   alignas(64) float pa0[16], pa1[16], pb0[16], pb1[16], ga[16], gb[16];
   for (int cde = 0; cde < 16; ++cde) {
     const float sa = (cde & 1) ? 1.f : -1.f, sb = (cde & 4) ? 1.f : -1.f;
@@ -186,29 +302,45 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y) {
   }
   const __m512 PA0 = _mm512_load_ps(pa0), PA1 = _mm512_load_ps(pa1), PB0 = _mm512_load_ps(pb0),
                PB1 = _mm512_load_ps(pb1), GA = _mm512_load_ps(ga), GB = _mm512_load_ps(gb);
-  for (int64_t p = 0; p < np; ++p) {
-    const int64_t ja = 2 * p, jb = ja + 1;
-    _mm512_store_ps(tu + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z0[ja]), PA0, _mm512_mul_ps(_mm512_set1_ps(z0[jb]), PB0)));
-    _mm512_store_ps(tv + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z1[ja]), PA1, _mm512_mul_ps(_mm512_set1_ps(z1[jb]), PB1)));
-    if (!L.rc) {
-      const float xa = ja < K ? x[ja] : 0.f, xb = jb < K ? x[jb] : 0.f;
-      _mm512_store_ps(tx + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(xa), GA, _mm512_mul_ps(_mm512_set1_ps(xb), GB)));
-    }
-  }
-  std::vector<float> txb(L.T, 0.f), txs(L.T, 0.f), zs(5 * L.S + 1, 0.f);
-  for (int64_t j = 0; j < K; ++j) txb[j / L.B] += x[j];
+  std::vector<float> txb(L.T, 0.f), txs(L.T, 0.f), zs(5 * L.S + 1, 0.f), steps(3 * L.T, 0.f);
+  for (int64_t t = 0; t < L.T; ++t)
+    for (int64_t j = t * L.B, j1 = std::min(K, j + L.B); j < j1; ++j) txb[t] += x[j];
   for (int64_t p = 0; p < L.S; ++p) {
     const int64_t j = L.sidx[p];
     float* o = zs.data() + 5 * p;
     o[0] = z0[j]; o[2] = z1[j]; o[4] = x[j];
     o[1] = L.rc ? L.cs[K + j] * x[j] : x[j];
     o[3] = L.rc ? L.cs[3 * K + j] * x[j] : x[j];
-    txs[j / L.B] += x[j];
   }
-  const LutCall c{tu, tv, tx, txb.data(), zs.data(), txs.data()};
-  if (L.rc) L.cgb ? lut_rows<true, true>(L, c, N, y) : lut_rows<true, false>(L, c, N, y);
-  else L.cgb ? lut_rows<false, true>(L, c, N, y) : lut_rows<false, false>(L, c, N, y);
-  std::free(tab);
+  for (int64_t t = 0; t < L.T; ++t)
+    for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) txs[t] += x[L.sidx[p]];
+  LutCall c{nullptr, nullptr, nullptr, txb.data(), zs.data(), txs.data(), nullptr, nullptr, nullptr,
+            steps.data(), steps.data() + L.T, steps.data() + 2 * L.T};
+#if ARBQ_LUT16
+  if (i16) {
+    auto* t16 = reinterpret_cast<int16_t*>(tab);
+    tables16(L, z0, PA0, PB0, t16, steps.data());
+    tables16(L, z1, PA1, PB1, t16 + 64 * ko, steps.data() + L.T);
+    if (!L.rc) tables16(L, xp, GA, GB, t16 + 128 * ko, steps.data() + 2 * L.T);
+    c.qu = t16; c.qv = t16 + 64 * ko; c.qx = t16 + 128 * ko;
+    if (L.rc) L.cgb ? lut_rows<true, true, true>(L, c, N, y) : lut_rows<true, false, true>(L, c, N, y);
+    else L.cgb ? lut_rows<false, true, true>(L, c, N, y) : lut_rows<false, false, true>(L, c, N, y);
+    return;
+  }
+#endif
+  (void)i16;
+  // fp32 tables: 16 codes per pair
+  float *tu = tab, *tv = tab + 16 * np, *tx = tab + 32 * np;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t ja = 2 * p, jb = ja + 1;
+    _mm512_store_ps(tu + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z0[ja]), PA0, _mm512_mul_ps(_mm512_set1_ps(z0[jb]), PB0)));
+    _mm512_store_ps(tv + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(z1[ja]), PA1, _mm512_mul_ps(_mm512_set1_ps(z1[jb]), PB1)));
+    if (!L.rc)
+      _mm512_store_ps(tx + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(xp[ja]), GA, _mm512_mul_ps(_mm512_set1_ps(xp[jb]), GB)));
+  }
+  c.tu = tu; c.tv = tv; c.tx = tx;
+  if (L.rc) L.cgb ? lut_rows<true, true, false>(L, c, N, y) : lut_rows<true, false, false>(L, c, N, y);
+  else L.cgb ? lut_rows<false, true, false>(L, c, N, y) : lut_rows<false, false, false>(L, c, N, y);
 }
 
 // Ŵᵀ of row groups g0:g1 from the lookup layout, for the batched path: out [K, ld] (ld = 16 (g1 − g0)),

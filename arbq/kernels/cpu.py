@@ -39,10 +39,14 @@ KERNEL_SLOTS = (("alpha", 0, 0, 0), ("alpha", 0, 1, 0), ("alpha", 1, 0, 0), ("al
                 ("alpha", 1, 0, 1), ("alpha", 1, 1, 1), ("mu", 0, 0), ("mu", 0, 1), ("mu", 1, 0), ("mu", 1, 1))
 ZERO_LANE = 15
 # ARBQ_CPU_LANES: the batch-1 GEMV. lut (default): table lookup, rows in lanes (grouped schemes; others use
-# fp32), fp32 sums, matches the torch backend to ~1e-6; fp32: masked adds along K; fp16 (AVX512-FP16 CPUs):
-# masked adds in fp16 lanes, ~1e-3 relative error per linear, fp32 where x is large; scalar: plain C++.
-LANE_MODES = {"scalar": 0, "fp32": 1, "fp16": 2, "lut": 3}
+# fp32 lanes) with int16 tables where the CPU has AVX512-VNNI and VBMI and the block size is a multiple of 8:
+# the inputs are rounded to 15 bits per block (max |c x| / 16383 steps; ~5e-5 of max |y| for Gaussian x, ~3e-4
+# with 50x outliers), the sums are exact; else fp32 tables. lut32: fp32 tables, matches the torch backend to
+# ~1e-6. fp32: masked adds along K; fp16 (AVX512-FP16 CPUs): masked adds in fp16 lanes, ~1e-3 relative error per
+# linear, fp32 where x is large; scalar: plain C++.
+LANE_MODES = {"scalar": 0, "fp32": 1, "fp16": 2, "lut": 3, "lut32": 4}
 LUT = 3
+TABLE_BITS = {LUT: 16, LANE_MODES["lut32"]: 32}      # lookup modes: bits of a table entry
 
 _ext = None
 
@@ -256,7 +260,8 @@ def _matmul_lut(p: PackedLinear, x: torch.Tensor, cache: dict, dtype: torch.dtyp
 
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ Ŵᵀ (fp32, or bf16 from the bf16 prefill path). mode (LANE_MODES): 0 scalar
-    C++, 1 fp32 lanes, 2 fp16 lanes where safe, 3 table lookup (grouped schemes; otherwise as 1).
+    C++, 1 fp32 lanes, 2 fp16 lanes where safe, 3 table lookup with int16 tables, 4 with fp32 tables (grouped
+    schemes; otherwise as 1).
 
     M < BATCH_TILE: GEMV from the bits, one x row at a time, in fp32. Otherwise Ŵ is dequantized a panel
     at a time and multiplied with torch.matmul: in bf16 (matmul_bf16) when prefill_bf16(x), else in fp32,
@@ -268,9 +273,10 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
     x = x.float().contiguous()
     is_lut = p.spec.layout == "binary_lut"           # its only kernels: lookup GEMV and dequant_lut
     if x.shape[0] < BATCH_TILE:
-        if is_lut or (mode == LUT and ("lut" in cache or lut_supported(p))):
+        if is_lut or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
             c = _lut(p, cache)
-            return ext.gemv_lut(x, c["tensors"], p.spec.out_features, p.spec.blocksize, c["flags"])
+            return ext.gemv_lut(x, c["tensors"], p.spec.out_features, p.spec.blocksize, c["flags"],
+                                TABLE_BITS.get(mode, 32))
         if NAME not in cache:
             cache[NAME] = prepare(p)
         c = cache[NAME]

@@ -113,7 +113,7 @@ def _row_words(bits: torch.Tensor) -> torch.Tensor:
 def _row_bits(words: torch.Tensor) -> torch.Tensor:
     """int16 [G, S] -> bool [16·G, S], inverse of _row_words."""
     bits = (words.int().unsqueeze(1) >> torch.arange(LANES, dtype=torch.int32).view(1, LANES, 1)) & 1
-    return bits.reshape(-1, words.shape[1]).bool()
+    return bits.reshape(LANES * words.shape[0], words.shape[1]).bool()
 
 
 def codes_of(sign1: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
