@@ -1,7 +1,7 @@
 """The C++ CPU kernel on the "binary_nm" layout (arbq.kernels.cpu, arbq.packed.nm) against the torch backend:
 random N:M-pruned binary linears (6:8, 5:8, 4:8, 2:4, 3:16), K not a multiple of 64 or 8, odd N, salient-heavy
-blocks, every binary scheme pbs2p / stbllm can write (nm_base), batch 1 (scalar, fp32 / fp16 lanes) and batched
-(dequantized tiles)."""
+blocks, every binary scheme pbs2p / stbllm can write (nm_base), batch 1 (scalar, fp32 / fp16 lanes, the lookup
+GEMV with int16 and fp32 tables for RC schemes) and batched (dequantized tiles)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from arbq.packed.codec import PackedLinear
 # 200 / 100 / 37 (not of 8 / 16), odd N
 SHAPES = [(37, 200, 32), (13, 4088, 128), (7, 1020, 32), (9, 100, 16), (5, 37, 8), (16, 256, 64)]
 PATTERNS = [(6, 8), (5, 8), (4, 8), (2, 4), (3, 16)]
-SCALAR, FP32, FP16, LUT = 0, 1, 2, 3
+SCALAR, FP32, FP16, LUT, LUT32 = 0, 1, 2, 3, 4
 
 
 def _packed(rows, k, n, m, flavour, bs, sd="fp32", seed=0, salient_frac=0.08) -> PackedLinear:
@@ -41,7 +41,14 @@ def _check(p: PackedLinear, seed: int = 0, fp16_tol: float = 3e-3) -> None:
     torch_be = kernels.backend("torch")
     x = torch.randn(3, k, generator=gen)
     want = torch_be.matmul(p, x, {})
-    for mode, tol in ((SCALAR, 1e-5), (FP32, 1e-5), (FP16, fp16_tol), (LUT, 1e-5)):
+    # LUT: int16 tables (x rounded to 14 bits per block for N:M); LUT32: fp32 tables
+    for mode, tol in ((SCALAR, 1e-5), (FP32, 1e-5), (FP16, fp16_tol), (LUT, 1e-3), (LUT32, 1e-5)):
+        cache: dict = {}
+        assert _rel(cpu.matmul(p, x[:1], cache, mode=mode), want[:1]) < tol, mode
+        # the lookup GEMV runs RC schemes with groups and salient columns (expanded codes + pruned sums)
+        sc = p.spec.scheme
+        assert ("lut" in cache) == (mode in (LUT, LUT32) and sc.rc and sc.group and sc.salient
+                                    and p.spec.blocksize % 4 == 0), mode
         assert _rel(cpu.matmul(p, x, {}, mode=mode), want) < tol, mode
     w = layouts.dequantize(p)
     for mode in (SCALAR, FP32):                            # dequantization: scalar and AVX-512 code, exact zeros
@@ -82,16 +89,35 @@ def test_pruned_positions_contribute_nothing(ext):
         assert float(cpu.matmul(p, x, {}, mode=mode)[0, 0]) == 0.0, mode
 
 
+def test_lookup_cancels_pruned_weights_exactly(ext):
+    """The N:M lookup reads pruned weights as s = -1, g = 0 and adds their inputs back from the pruned-sum
+    tables: with int16 tables (integer sums) row 0 is exactly 0 when x lives only on its pruned positions;
+    with fp32 tables it is 0 up to rounding, and every row matches the torch backend."""
+    p = _packed(24, 264, 4, 8, ("rc", True), 64, seed=9)
+    keep0 = nm.unpack_bits(p["keep"][:1], 264)[0]
+    x = torch.where(keep0, torch.zeros(264), torch.full((264,), 1e3)).reshape(1, 264)
+    cache: dict = {}
+    y = cpu.matmul(p, x, cache, mode=LUT)
+    assert "lut" in cache
+    if "+lut16" in ext.features():
+        assert float(y[0, 0]) == 0.0
+    scale = float(layouts.dequantize(p)[0].abs().max()) * 1e3
+    assert abs(float(cpu.matmul(p, x, {}, mode=LUT32)[0, 0])) < 1e-6 * scale
+    xr = torch.randn(1, 264)
+    want = kernels.backend("torch").matmul(p, xr, {})
+    assert _rel(cpu.matmul(p, xr, {}, mode=LUT32), want) < 1e-5
+
+
 def test_backend_picks_cpu_for_binary_nm(ext, monkeypatch):
     p = _packed(40, 100, 5, 8, ("rc", True), 32, seed=1)
     assert kernels.backends_for("binary_nm") == ["cpu", "torch"]
     x = torch.randn(2, 100)
     assert kernels.pick(p, x, "auto").NAME == "cpu" and kernels.pick(p, x, "triton").NAME == "torch"
     mod = BinaryLinear.from_packed(p, bias=torch.randn(40), backend="cpu")
-    assert _rel(mod(x), x @ layouts.dequantize(p).T + mod.bias) < 1e-5
+    assert _rel(mod(x), x @ layouts.dequantize(p).T + mod.bias) < 1e-3     # default: lookup, int16 tables
     cache: dict = {}
-    cpu.matmul(p, x[:1], cache)
-    assert "lut" not in cache                               # the lookup layout is for "binary" only
+    cpu.matmul(p, x[:1], cache, mode=FP32)                  # the masked-add kernel: the file's planes in place
+    assert "lut" not in cache
     ts = cache[cpu.NAME]["tensors"]                         # the file's own compact planes and keep plane, no copy
     assert [t.data_ptr() for t in (ts[0], ts[1], ts[12])] == [p[k].data_ptr() for k in ("sign1", "group", "keep")]
     derived = sum(t.numel() * t.element_size() for t in ts[2:5] + ts[6:9] + ts[13:])   # salient words, indices

@@ -118,7 +118,8 @@ def bench_shape(n: int, k: int, method: str = "rc", cgb: bool = True, scale_dtyp
 
     clock "thread" (CPU time of the calling thread) is immune to other processes on a shared machine
     but only meaningful with torch.set_num_threads(1). lanes: ARBQ_CPU_LANES for the cpu backend (binary_nm
-    has no table lookup: lut runs its fp32 masked-add kernel). nm: "N:M" times the binary_nm layout.
+    of a scheme without column scales has no table lookup: lut runs its fp32 masked-add kernel). nm: "N:M"
+    times the binary_nm layout.
     bf16: also time dense bf16 (weights and x in bf16) against the packed layer, a second A/B pair.
     interleave: time the "binary_lut" layout (the lookup kernel's own bytes) instead of "binary".
     """

@@ -370,7 +370,8 @@ torch::Tensor gemv(torch::Tensor x, std::vector<torch::Tensor> ts, double vscale
 // y [M, N] = x [M, K] @ W^T by table lookup (binary_gemv_lut_avx512.cpp); tensors from arbq.kernels.cpu.prepare_lut.
 Lut make_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t B, const std::vector<bool>& flags) {
   // ts: codes [N16, KQ, 16] u8, sign2 [N16, S] i16, sidx [S] i32, soff [T+1] i32, vt [N16, T, V, 16], pos [10] i32, cs [4, K]
-  TORCH_CHECK(ts.size() == 7 && flags.size() == 2, "arbq: bad kernel arguments");
+  // [, keep [N16, KB, 16] u8: N:M, RC schemes]
+  TORCH_CHECK((ts.size() == 7 || ts.size() == 8) && flags.size() == 2, "arbq: bad kernel arguments");
   for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
   const auto &codes = ts[0], &s2w = ts[1], &sidx = ts[2], &soff = ts[3], &vt = ts[4], &pos = ts[5], &cs = ts[6];
   Lut L{};
@@ -391,6 +392,14 @@ Lut make_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t
   L.sidx = ptr<int32_t>(sidx); L.soff = soff.data_ptr<int32_t>();
   for (int s = 0; s < NSLOT; ++s) L.pos[s] = pos.data_ptr<int32_t>()[s];
   L.cs = L.rc ? cs.data_ptr<float>() : nullptr;
+  if (ts.size() == 8) {
+    const auto& keep = ts[7];
+    TORCH_CHECK(L.rc, "arbq: the N:M lookup runs RC schemes only");
+    TORCH_CHECK(keep.scalar_type() == torch::kUInt8 && keep.dim() == 3 && keep.size(0) == L.N16 &&
+                keep.size(1) == (K + 7) / 8 && keep.size(2) == 16, "arbq: lut keep bytes must be uint8 [N16, ceil(K/8), 16]");
+    L.keep = keep.data_ptr<uint8_t>();
+    L.KB = keep.size(1);
+  }
   return L;
 }
 
@@ -411,6 +420,7 @@ torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_
 torch::Tensor dequant_lut_op(std::vector<torch::Tensor> ts, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
                              int64_t g0, int64_t g1, torch::Tensor out) {
   const Lut L = make_lut(ts, K, N, B, flags);
+  TORCH_CHECK(L.keep == nullptr, "arbq: dequant_lut does not read N:M keep bytes");
   const bool bf16 = out.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(0 <= g0 && g0 <= g1 && g1 <= L.N16, "arbq: row groups out of range");
   TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 &&

@@ -17,6 +17,11 @@
 //   y += (a1g_1 - a0g) s1 z_g0 + a1g_2 s2 z_g1 [+ (m1g - m0g) x]
 // accumulated as sums over all salient columns of the block and over those with g = 1.
 //
+// N:M (binary_nm, RC schemes): the codes are the expanded planes, so a pruned weight reads s = -1, g = 0 and
+// the non-salient pass adds -z_0 for it; a third table per quad, indexed by the quad's pruned bits (the
+// complement of its keep nibble), adds those z_0 back into U: P[u] = sum_{i in u} z_0 (same step as U), so
+// pruned weights contribute exactly 0 before rounding. The salient sums are masked by the keep bits.
+//
 // int16 tables (ARBQ_LUT16, block size a multiple of 8, the default): z_0, z_1 and x are rounded per block t to
 // integers q = rint(z / s_t), s_t = max_{j in t} |z_j| / 16383, so every pair entry fits int16 and a block's
 // sums are exact in int32; U = s_t (sum of q), etc. Two quads of one row group are read at once: vpermb puts
@@ -36,6 +41,8 @@ struct Lut {
   int pos[NSLOT];
   const float* cs;           // [4, K] column scales (RC)
   bool rc, cgb;
+  const uint8_t* keep;       // N:M: [N16, KB, 16] keep bytes (columns 8b..8b+7 of row 16G + r), else null
+  int64_t KB;
 };
 
 // Bit of column j's sign in its code byte (the group bit is the next one): column pair (j & 3) >> 1 is the
@@ -57,17 +64,21 @@ struct LutCall {
   const float* txs_blk;        // [T] sum of x over the block's salient columns
   const int16_t *qu, *qv, *qx;  // int16 tables [KO, 2, 32] (KO = ceil(KQ / 2)), or null: fp32 tables
   const float *su, *sv, *sx;    // [T] their per-block steps s_t
+  const float* tp;              // N:M, fp32: [KQ, 16] pruned-sum tables of each quad
+  const int16_t* qp;            // N:M, int16: [KB, 32] the two quads' tables of each keep byte
 };
 
 #if ARBQ_LUT16
 // Sums of block t from int16 tables into U, V, X (fp32, the step applied): the module comment's int16 pass.
-template <int R, bool RC>
-inline void block_sums16(const Lut& L, const LutCall& c, const uint8_t* const* cp, int64_t t, __m512* U, __m512* V,
-                         __m512* X) {
+template <int R, bool RC, bool NM>
+inline void block_sums16(const Lut& L, const LutCall& c, const uint8_t* const* cp, const uint8_t* const* kp, int64_t t,
+                         __m512* U, __m512* V, __m512* X) {
   const int64_t opb = L.B / 8, KO = (L.KQ + 1) / 2, o1 = std::min((t + 1) * opb, KO);
   alignas(64) static const struct Spread { uint8_t b[64]; Spread() { for (int i = 0; i < 64; ++i) b[i] = (i & 1) ? 0 : (i & 2 ? 16 : 0) + i / 4; } } spread;
+  // keep bytes: row r's byte in words 2r and 2r+1, the odd word shifted to its high nibble
+  alignas(64) static const struct Dup { uint8_t b[64]; Dup() { for (int i = 0; i < 64; ++i) b[i] = (i & 1) ? 0 : i / 4; } } dup;
   const __m512i sidx = _mm512_load_si512(spread.b), m0f = _mm512_set1_epi16(0x0F), odd = _mm512_set1_epi32(0x00100000),
-                ones = _mm512_set1_epi16(1);
+                ones = _mm512_set1_epi16(1), didx = _mm512_load_si512(dup.b), nib = _mm512_set1_epi32(0x00040000);
   __m512i Ui[R], Vi[R], Xi[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) Ui[r] = Vi[r] = Xi[r] = _mm512_setzero_si512();
@@ -89,6 +100,12 @@ inline void block_sums16(const Lut& L, const LutCall& c, const uint8_t* const* c
       Vi[r] = _mm512_dpwssd_epi32(Vi[r], _mm512_permutexvar_epi16(i0, v0), ones);
       Ui[r] = _mm512_dpwssd_epi32(Ui[r], _mm512_permutexvar_epi16(i1, u1), ones);
       Vi[r] = _mm512_dpwssd_epi32(Vi[r], _mm512_permutexvar_epi16(i1, v1), ones);
+      if (NM) {      // pruned weights back: (~keep nibble) | parity << 4 indexes [P(quad 2o) | P(quad 2o+1)]
+        const __m512i kb = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, didx,
+                                                         _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp[r] + 16 * o))));
+        const __m512i ip = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(kb, nib), m0f, odd, 0xAE);   // (~a & b) | c
+        Ui[r] = _mm512_dpwssd_epi32(Ui[r], _mm512_permutexvar_epi16(ip, _mm512_load_si512(c.qp + 32 * o)), ones);
+      }
       if (!RC) {
         Xi[r] = _mm512_dpwssd_epi32(Xi[r], _mm512_permutexvar_epi16(i0, x0), ones);
         Xi[r] = _mm512_dpwssd_epi32(Xi[r], _mm512_permutexvar_epi16(i1, x1), ones);
@@ -106,9 +123,9 @@ inline void block_sums16(const Lut& L, const LutCall& c, const uint8_t* const* c
 #endif
 
 // Sums of block t from fp32 tables into U, V, X: the module comment's non-salient pass.
-template <int R, bool RC>
-inline void block_sums32(const Lut& L, const LutCall& c, const uint8_t* const* cp, int64_t t, __m512* U, __m512* V,
-                         __m512* X) {
+template <int R, bool RC, bool NM>
+inline void block_sums32(const Lut& L, const LutCall& c, const uint8_t* const* cp, const uint8_t* const* kp, int64_t t,
+                         __m512* U, __m512* V, __m512* X) {
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) U[r] = V[r] = X[r] = _mm512_setzero_ps();
   const int64_t qpb = L.B / 4, q1 = std::min((t + 1) * qpb, L.KQ);
@@ -126,6 +143,11 @@ inline void block_sums32(const Lut& L, const LutCall& c, const uint8_t* const* c
       V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i0, v0));
       U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(i1, u1));
       V[r] = _mm512_add_ps(V[r], _mm512_permutexvar_ps(i1, v1));
+      if (NM) {      // pruned weights back: ~keep nibble of quad q indexes its pruned-sum table
+        const __m512i kb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp[r] + 16 * (q >> 1))));
+        const __m512i ip = _mm512_srl_epi32(_mm512_xor_si512(kb, _mm512_set1_epi32(-1)), _mm_cvtsi32_si128(4 * static_cast<int>(q & 1)));
+        U[r] = _mm512_add_ps(U[r], _mm512_permutexvar_ps(ip, _mm512_load_ps(c.tp + 16 * q)));
+      }
       if (!RC) {
         X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i0, x0));
         X[r] = _mm512_add_ps(X[r], _mm512_permutexvar_ps(i1, x1));
@@ -134,25 +156,27 @@ inline void block_sums32(const Lut& L, const LutCall& c, const uint8_t* const* c
   }
 }
 
-template <int R, bool RC, bool CGB, bool I16>
+template <int R, bool RC, bool CGB, bool I16, bool NM>
 void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_out) {
   __m512 y[R];
   const uint8_t* cp[R];
+  const uint8_t* kp[R];
   const uint16_t* mp[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     y[r] = _mm512_setzero_ps();
     cp[r] = L.codes + (rg0 + r) * L.KQ * 16;
+    kp[r] = NM ? L.keep + (rg0 + r) * L.KB * 16 : nullptr;
     mp[r] = L.s2w + (rg0 + r) * L.S;
   }
   const __m512 sgn = _mm512_set1_ps(-0.f);
   for (int64_t t = 0; t < L.T; ++t) {
     __m512 U[R], V[R], X[R];
 #if ARBQ_LUT16
-    if (I16) block_sums16<R, RC>(L, c, cp, t, U, V, X);
+    if (I16) block_sums16<R, RC, NM>(L, c, cp, kp, t, U, V, X);
     else
 #endif
-      block_sums32<R, RC>(L, c, cp, t, U, V, X);
+      block_sums32<R, RC, NM>(L, c, cp, kp, t, U, V, X);
     // salient columns of the block: sums over all of them (A) and over those in group 1 (G)
     __m512 Q1a[R], Q1g[R], Q2a[R], Q2g[R], XSg[R];
 #pragma GCC unroll 4
@@ -173,8 +197,15 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
         const __m512 w1 = RC && CGB ? _mm512_mask_blend_ps(g, z00, z10) : z00;
         const __m512 w2 = RC && CGB ? _mm512_mask_blend_ps(g, z01, z11) : z01;
         const __m512 u1 = _mm512_mask_xor_ps(w1, n1, w1, sgn), u2 = _mm512_mask_xor_ps(w2, n2, w2, sgn);
-        Q1a[r] = _mm512_add_ps(Q1a[r], u1);
-        Q2a[r] = _mm512_add_ps(Q2a[r], u2);
+        if (NM) {     // pruned rows add nothing (their group bit is 0, so the G sums skip them already)
+          const __mmask16 kept = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kp[r] + 16 * (j >> 3))),
+                                                    _mm_set1_epi8(static_cast<char>(1 << (j & 7))));
+          Q1a[r] = _mm512_mask_add_ps(Q1a[r], kept, Q1a[r], u1);
+          Q2a[r] = _mm512_mask_add_ps(Q2a[r], kept, Q2a[r], u2);
+        } else {
+          Q1a[r] = _mm512_add_ps(Q1a[r], u1);
+          Q2a[r] = _mm512_add_ps(Q2a[r], u2);
+        }
         if (CGB) {
           Q1g[r] = _mm512_mask_add_ps(Q1g[r], g, Q1g[r], u1);
           Q2g[r] = _mm512_mask_add_ps(Q2g[r], g, Q2g[r], u2);
@@ -217,7 +248,7 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
   }
 }
 
-template <bool RC, bool CGB, bool I16>
+template <bool RC, bool CGB, bool I16, bool NM = false>
 void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
   // R row groups per tile share each table load (8 spills the salient sums: 10-15% slower, measured)
   constexpr int R = 4;
@@ -228,20 +259,21 @@ void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
   const int64_t grain = 16 * L.N16 < 1024 ? std::max<int64_t>(tiles, 1)
                                           : std::max<int64_t>(1, (131072 + 16 * R * 4 * L.KQ - 1) / (16 * R * 4 * L.KQ));
   at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB, I16>(L, c, g * R, N, y);
+    for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB, I16, NM>(L, c, g * R, N, y);
   });
-  for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB, I16>(L, c, rg, N, y);
+  for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB, I16, NM>(L, c, rg, N, y);
 }
 
 #if ARBQ_LUT16
 // int16 tables of one input vector v [4 KQ] (zero past K): per block t, q_j = rint(v_j / s_t) with
-// s_t = max_{j in t} |v_j| / 16383 (0 for an all-zero block), then the 16 entries of each pair (pa, pb: the
+// s_t = max_{j in t} |v_j| / qmax (0 for an all-zero block), then the 16 entries of each pair (pa, pb: the
 // code's contribution patterns, as the fp32 tables) in the octet order of block_sums16: out [KO, 2, 32] =
-// (pairs 4o | 4o+2, pairs 4o+1 | 4o+3). Entries are integers |e| <= 32766, built exactly in fp32.
-void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, int16_t* out, float* step) {
+// (pairs 4o | 4o+2, pairs 4o+1 | 4o+3). Entries are integers |e| <= 2 qmax, built exactly in fp32. qmax =
+// 16383, or 8191 where 4-column sums must fit int16 too (N:M's pruned-sum tables); q: the q_j [8 KO].
+void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, int16_t* out, float* step,
+              float qmax, std::vector<float>& q) {
   const int64_t kp = 4 * L.KQ, np = 2 * L.KQ, KO = (L.KQ + 1) / 2;
-  static thread_local std::vector<float> q;
-  if (q.size() < static_cast<size_t>(kp)) q.assign(kp, 0.f);
+  q.assign(8 * KO, 0.f);
   for (int64_t t = 0; t < L.T; ++t) {
     const int64_t j0 = t * L.B, j1 = std::min(kp, j0 + L.B);
     __m512 m = _mm512_setzero_ps();
@@ -249,8 +281,8 @@ void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, 
       const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
       m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, v + j)));
     }
-    const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? 16383.f / mx : 0.f;
-    step[t] = mx / 16383.f;
+    const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? qmax / mx : 0.f;
+    step[t] = mx / qmax;
     const __m512 vinv = _mm512_set1_ps(inv);
     for (int64_t j = j0; j < j1; j += 16) {
       const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
@@ -271,13 +303,31 @@ void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, 
 }
 #endif
 
+// Pruned-sum tables of N:M (module comment): entry u of a run of 4 columns = sum of v over the set bits of u,
+// 16 per run; runs = n4 consecutive runs of v, out [n4, 16] (fp32 or, rounded exactly, int16).
+template <class T>
+void subset_tables(const float* v, int64_t n4, T* out) {
+  alignas(64) float b[4][16];
+  for (int u = 0; u < 16; ++u)
+    for (int i = 0; i < 4; ++i) b[i][u] = static_cast<float>((u >> i) & 1);
+  const __m512 b0 = _mm512_load_ps(b[0]), b1 = _mm512_load_ps(b[1]), b2 = _mm512_load_ps(b[2]), b3 = _mm512_load_ps(b[3]);
+  for (int64_t r = 0; r < n4; ++r) {
+    const float* w = v + 4 * r;
+    const __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(w[0]), b0, _mm512_fmadd_ps(_mm512_set1_ps(w[1]), b1,
+                     _mm512_fmadd_ps(_mm512_set1_ps(w[2]), b2, _mm512_mul_ps(_mm512_set1_ps(w[3]), b3))));
+    if constexpr (std::is_same_v<T, float>) _mm512_store_ps(out + 16 * r, e);
+    else _mm256_store_si256(reinterpret_cast<__m256i*>(out + 16 * r), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(e)));
+  }
+}
+
 // y [N] = W x for one x row [K]: tables and salient inputs once per call, then the tiles. i16: int16 tables
 // (needs ARBQ_LUT16 and B % 8 == 0), else fp32.
 void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool i16) {
   const int64_t np = 2 * L.KQ, kp = 4 * L.KQ, ko = (L.KQ + 1) / 2;
   // one scratch per calling thread, grown when needed (a fresh allocation of the tables costs page faults
   // that, at small N, take longer than the lookups): z0, z1, x [kp] each, then the tables, 64-byte aligned
-  const int64_t tab_floats = 3 * 16 * np;   // fp32 [3][np, 16]; int16 [3][KO, 2, 32] takes half
+  // fp32 [3][np, 16] + N:M's [KQ, 16]; int16 [3][KO, 2, 32] + [KO, 32] take half
+  const int64_t tab_floats = 3 * 16 * np + 16 * (L.KQ + 1);
   static thread_local std::vector<float> scratch;
   const size_t need = static_cast<size_t>(3 * kp + tab_floats + 16);
   if (scratch.size() < need) scratch.assign(need, 0.f);
@@ -316,15 +366,25 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
     for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) txs[t] += x[L.sidx[p]];
   LutCall c{nullptr, nullptr, nullptr, txb.data(), zs.data(), txs.data(), nullptr, nullptr, nullptr,
             steps.data(), steps.data() + L.T, steps.data() + 2 * L.T};
+  const bool nm = L.keep != nullptr;     // N:M (RC schemes only: make_lut checks)
 #if ARBQ_LUT16
   if (i16) {
+    static thread_local std::vector<float> q;
     auto* t16 = reinterpret_cast<int16_t*>(tab);
-    tables16(L, z0, PA0, PB0, t16, steps.data());
-    tables16(L, z1, PA1, PB1, t16 + 64 * ko, steps.data() + L.T);
-    if (!L.rc) tables16(L, xp, GA, GB, t16 + 128 * ko, steps.data() + 2 * L.T);
+    const float qmax = nm ? 8191.f : 16383.f;
+    tables16(L, z1, PA1, PB1, t16 + 64 * ko, steps.data() + L.T, qmax, q);
+    if (!L.rc) tables16(L, xp, GA, GB, t16 + 128 * ko, steps.data() + 2 * L.T, qmax, q);
+    tables16(L, z0, PA0, PB0, t16, steps.data(), qmax, q);                // last: q = z0's, for N:M's tables
     c.qu = t16; c.qv = t16 + 64 * ko; c.qx = t16 + 128 * ko;
-    if (L.rc) L.cgb ? lut_rows<true, true, true>(L, c, N, y) : lut_rows<true, false, true>(L, c, N, y);
-    else L.cgb ? lut_rows<false, true, true>(L, c, N, y) : lut_rows<false, false, true>(L, c, N, y);
+    if (nm) {
+      c.qp = t16 + 192 * ko;
+      subset_tables(q.data(), 2 * ko, t16 + 192 * ko);
+      L.cgb ? lut_rows<true, true, true, true>(L, c, N, y) : lut_rows<true, false, true, true>(L, c, N, y);
+    } else if (L.rc) {
+      L.cgb ? lut_rows<true, true, true>(L, c, N, y) : lut_rows<true, false, true>(L, c, N, y);
+    } else {
+      L.cgb ? lut_rows<false, true, true>(L, c, N, y) : lut_rows<false, false, true>(L, c, N, y);
+    }
     return;
   }
 #endif
@@ -339,8 +399,15 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
       _mm512_store_ps(tx + 16 * p, _mm512_fmadd_ps(_mm512_set1_ps(xp[ja]), GA, _mm512_mul_ps(_mm512_set1_ps(xp[jb]), GB)));
   }
   c.tu = tu; c.tv = tv; c.tx = tx;
-  if (L.rc) L.cgb ? lut_rows<true, true, false>(L, c, N, y) : lut_rows<true, false, false>(L, c, N, y);
-  else L.cgb ? lut_rows<false, true, false>(L, c, N, y) : lut_rows<false, false, false>(L, c, N, y);
+  if (nm) {
+    c.tp = tab + 48 * np;
+    subset_tables(z0, L.KQ, tab + 48 * np);
+    L.cgb ? lut_rows<true, true, false, true>(L, c, N, y) : lut_rows<true, false, false, true>(L, c, N, y);
+  } else if (L.rc) {
+    L.cgb ? lut_rows<true, true, false>(L, c, N, y) : lut_rows<true, false, false>(L, c, N, y);
+  } else {
+    L.cgb ? lut_rows<false, true, false>(L, c, N, y) : lut_rows<false, false, false>(L, c, N, y);
+  }
 }
 
 // Ŵᵀ of row groups g0:g1 from the lookup layout, for the batched path: out [K, ld] (ld = 16 (g1 − g0)),

@@ -6,8 +6,11 @@ sha256 check); if it cannot be built the backend reports itself unsupported and 
 Layouts: "binary", "binary_nm" (arbq.packed.nm, any n:m) and "binary_lut" (arbq.packed.lut). The kernel reads
 binary_nm's compacted sign / group planes and its occupancy plane as stored, expanding each row in per-thread
 scratch (one pdep per 64 columns); pruned positions contribute exactly 0. Table lookup (ARBQ_CPU_LANES=lut)
-runs "binary" (from a load-time copy in its own layout) and "binary_lut" (from the layer's own tensors);
-binary_nm uses the fp32 masked-add kernel at batch 1 (fp16 lanes with ARBQ_CPU_LANES=fp16).
+runs "binary" (from a load-time copy in its own layout), "binary_lut" (from the layer's own tensors) and
+binary_nm of RC schemes (from a load-time copy: the expanded sign / group codes and the keep plane by 16 rows;
+pruned weights are cancelled by pruned-sum tables); other binary_nm layers (and ARBQ_CPU_LANES=fp32) use the
+fp32 masked-add kernel at batch 1, which reads the file's compacted planes in place (fp16 lanes with
+ARBQ_CPU_LANES=fp16).
 
 Batch M < BATCH_TILE: the kernel loops over x rows (memory-bound decode). M >= BATCH_TILE: rows of Ŵ
 are dequantized TILE_ROWS at a time by the kernel and multiplied with torch.matmul (compute-bound
@@ -27,6 +30,7 @@ from arbq.kernels import cpu_build
 from arbq.packed import lut
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
+from arbq.packed import nm as nm_layout
 from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
@@ -147,7 +151,8 @@ def prepare_lut(p: PackedLinear) -> dict:
     read in place from a binary_lut layer, rearranged once from a "binary" one; plus the salient column
     indices, the first salient of each block, the slot lanes and the column scales fp32 [4, K]. Values that
     are not fp16 are converted to fp32 (values_scale applied): the one copy a binary_lut layer gets."""
-    q = p if p.spec.layout == "binary_lut" else lut.from_binary(p)
+    nm = p.spec.layout == "binary_nm"
+    q = p if p.spec.layout == "binary_lut" else lut.from_binary(_dense_binary(p) if nm else p)
     spec, sc = q.spec, q.spec.scheme
     k, bs = spec.in_features, spec.blocksize
     sidx = unpack_bits(q["salient"], k).nonzero()[:, 0]
@@ -157,13 +162,31 @@ def prepare_lut(p: PackedLinear) -> dict:
     vt = q["values"] if keep16 else decode_scales(q.tensors, "values")
     pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(q).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
-    return dict(tensors=[q["codes"], q["sign2"], sidx.to(torch.int32), soff.to(torch.int32), vt.contiguous(), pos, cs],
-                flags=[sc.rc, sc.cgb])
+    tensors = [q["codes"], q["sign2"], sidx.to(torch.int32), soff.to(torch.int32), vt.contiguous(), pos, cs]
+    if nm:
+        tensors.append(_keep_bytes(p[KEEP], lut.LANES * spec.row_groups))
+    return dict(tensors=tensors, flags=[sc.rc, sc.cgb])
+
+
+def _dense_binary(p: PackedLinear) -> PackedLinear:
+    """A binary_nm layer as the "binary" layout with its compacted planes expanded (0 where pruned): the codes
+    the N:M lookup reads (its pruned-sum pass cancels the s = -1, g = 0 those positions then carry)."""
+    return nm_layout.binary_rows(p, 0, p.spec.out_features)
+
+
+def _keep_bytes(keep: torch.Tensor, rows: int) -> torch.Tensor:
+    """The occupancy plane [N, ceil(K/8)] -> uint8 [rows/16, ceil(K/8), 16] (rows past N: 0), 16 rows per byte
+    column as the codes: byte (G, b, r) = columns 8b..8b+7 of row 16G + r."""
+    pad = torch.cat([keep, keep.new_zeros(rows - keep.shape[0], keep.shape[1])]) if rows > keep.shape[0] else keep
+    return pad.reshape(rows // lut.LANES, lut.LANES, -1).transpose(1, 2).contiguous()
 
 
 def lut_supported(p: PackedLinear) -> bool:
-    return (p.spec.layout in ("binary", "binary_lut") and lut.supports(p.spec.scheme, p.spec.blocksize)
-            and hasattr(extension(), "gemv_lut"))
+    """Whether the lookup GEMV runs this layer: grouped schemes with salient columns ("binary", "binary_lut"),
+    and binary_nm of such a scheme with column scales (RC: no means)."""
+    sc = p.spec.scheme
+    layout_ok = p.spec.layout in ("binary", "binary_lut") or (p.spec.layout == "binary_nm" and sc.rc)
+    return layout_ok and lut.supports(sc, p.spec.blocksize) and hasattr(extension(), "gemv_lut")
 
 
 def _lut(p: PackedLinear, cache: dict) -> dict:

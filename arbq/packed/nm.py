@@ -227,7 +227,7 @@ class NMSpec(BinaryBased):
 ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)
 
 
-def _binary_rows(p: PackedLinear, r0: int, r1: int) -> PackedLinear:
+def binary_rows(p: PackedLinear, r0: int, r1: int) -> PackedLinear:
     """Rows r0:r1 as a "binary" layout PackedLinear with dense sign1/group planes (expanded, 0 where pruned)."""
     spec = p.spec
     keep = unpack_bits(p[KEEP][r0:r1], spec.in_features)
@@ -281,7 +281,7 @@ def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") ->
 
 def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
     """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows from the expanded planes, zero where pruned."""
-    w = codec.unpack_rows(_binary_rows(p, r0, r1)).dequantize()
+    w = codec.unpack_rows(binary_rows(p, r0, r1)).dequantize()
     return _masked(w, unpack_bits(p[KEEP][r0:r1], p.spec.in_features))
 
 
