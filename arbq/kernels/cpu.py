@@ -28,9 +28,9 @@ import torch
 
 from arbq.kernels import cpu_build
 from arbq.packed import lut
+from arbq.packed import nm as nm_layout
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
-from arbq.packed import nm as nm_layout
 from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
