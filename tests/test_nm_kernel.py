@@ -124,3 +124,15 @@ def test_backend_picks_cpu_for_binary_nm(ext, monkeypatch):
     assert derived < 0.5 * sum(t.numel() * t.element_size() for t in p.tensors.values())
     monkeypatch.setattr(cpu, "_ext", False)                 # as if the build had failed: torch
     assert kernels.pick(p, x, "cpu").NAME == "torch"
+
+
+@pytest.mark.parametrize("n,m", PATTERNS + [(3, 5)])
+@pytest.mark.parametrize("rows,k", [(37, 200), (13, 4088), (7, 1020), (5, 37)])
+def test_nm_expand_equals_the_layouts_expansion(ext, n, m, rows, k):
+    """The kernel's pdep expansion (what the N:M lookup's load-time codes are built from) equals
+    arbq.packed.nm.expand_plane bit for bit, m dividing 64 or not."""
+    keep = random_keep(rows, k, n, m, seed=rows + k)
+    bits = torch.rand(rows, k, generator=torch.Generator().manual_seed(k)) < 0.5
+    compact = nm.compact_plane(bits, keep)
+    want = nm.pack_bits(nm.expand_plane(compact, keep))
+    assert torch.equal(ext.nm_expand(compact, nm.pack_bits(keep), k, n, m), want)

@@ -433,6 +433,25 @@ torch::Tensor dequant_lut_op(std::vector<torch::Tensor> ts, int64_t K, int64_t N
 }
 #endif
 
+// binary_nm's compact plane [N, Lb] expanded by its keep plane [N, Kb] (pruned bits 0): uint8 [N, Kb], the
+// planes' own packing (expand_row, one pdep per 64 columns); n:m as in the layout.
+torch::Tensor nm_expand(torch::Tensor compact, torch::Tensor keep, int64_t K, int64_t n_keep, int64_t m) {
+  TORCH_CHECK(compact.scalar_type() == torch::kUInt8 && keep.scalar_type() == torch::kUInt8 && compact.dim() == 2 &&
+              keep.dim() == 2 && compact.size(0) == keep.size(0) && keep.size(1) == (K + 7) / 8 &&
+              compact.size(1) <= keep.size(1) && compact.is_contiguous() && keep.is_contiguous(),
+              "arbq: nm_expand needs uint8 compact [N, Lb] and keep [N, ceil(K/8)] planes");
+  TORCH_CHECK(1 <= n_keep && n_keep <= m && m <= 64, "arbq: bad n:m");
+  const int64_t N = keep.size(0), Kb = keep.size(1), Lb = compact.size(1);
+  const int step = 64 % m == 0 ? static_cast<int>(64 / m * n_keep) : 0;
+  auto out = torch::zeros({N, Kb}, torch::kUInt8);
+  const uint8_t *src = compact.data_ptr<uint8_t>(), *kp = keep.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) expand_row(src + i * Lb, Lb, kp + i * Kb, Kb, dst + i * Kb, step, K / 64);
+  });
+  return out;
+}
+
 std::string features() {
 #if defined(__AVX512BF16__)
   const bool bf16 = ARBQ_AVX512;
@@ -452,5 +471,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_lut", &gemv_lut_op, "y = x @ W^T by table lookup over the kernel layout (x rows looped)");
   m.def("dequant_lut", &dequant_lut_op, "W^T of row groups g0:g1 from the kernel layout as float32 or bfloat16 (into out)");
 #endif
+  m.def("nm_expand", &nm_expand, "binary_nm: a compact plane expanded by the keep plane (pruned bits 0)");
   m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
 }
