@@ -320,4 +320,14 @@ def test_pack_load_forward_tiny_model(tmp_path, nm_method, monkeypatch):
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32)
         assert torch.allclose(hf(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        # decode-sized calls (< 8 rows) run the N:M lookup GEMV where the kernel builds: int16 tables (x rounded
+        # to 14 bits per block; measured 2e-4 of the largest logit here) and fp32 tables
+        one = ids[:1, :3]
+        want = ref(one).logits
+        assert float((model(one).logits - want).abs().max()) < 1e-3 * float(want.abs().max())
+        monkeypatch.setenv("ARBQ_CPU_LANES", "lut32")
+        assert torch.allclose(model(one).logits, want, atol=1e-5, rtol=1e-5)
+    from arbq.kernels import cpu
+    if cpu.extension() is not None:
+        assert "lut" in lin.kernel_cache()
 
