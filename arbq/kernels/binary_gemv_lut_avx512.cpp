@@ -264,6 +264,14 @@ void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
   for (int64_t rg = tiles * R; rg < L.N16; ++rg) lut_tile<1, RC, CGB, I16, NM>(L, c, rg, N, y);
 }
 
+// lut_rows for the layer's scheme: N:M (RC only), RC or not, with or without CGB.
+template <bool I16>
+void rows_of_scheme(const Lut& L, const LutCall& c, int64_t N, float* y) {
+  if (L.keep) L.cgb ? lut_rows<true, true, I16, true>(L, c, N, y) : lut_rows<true, false, I16, true>(L, c, N, y);
+  else if (L.rc) L.cgb ? lut_rows<true, true, I16>(L, c, N, y) : lut_rows<true, false, I16>(L, c, N, y);
+  else L.cgb ? lut_rows<false, true, I16>(L, c, N, y) : lut_rows<false, false, I16>(L, c, N, y);
+}
+
 #if ARBQ_LUT16
 // int16 tables of one input vector v [4 KQ] (zero past K): per block t, q_j = rint(v_j / s_t) with
 // s_t = max_{j in t} |v_j| / qmax (0 for an all-zero block), then the 16 entries of each pair (pa, pb: the
@@ -379,12 +387,8 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
     if (nm) {
       c.qp = t16 + 192 * ko;
       subset_tables(q.data(), 2 * ko, t16 + 192 * ko);
-      L.cgb ? lut_rows<true, true, true, true>(L, c, N, y) : lut_rows<true, false, true, true>(L, c, N, y);
-    } else if (L.rc) {
-      L.cgb ? lut_rows<true, true, true>(L, c, N, y) : lut_rows<true, false, true>(L, c, N, y);
-    } else {
-      L.cgb ? lut_rows<false, true, true>(L, c, N, y) : lut_rows<false, false, true>(L, c, N, y);
     }
+    rows_of_scheme<true>(L, c, N, y);
     return;
   }
 #endif
@@ -402,12 +406,8 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
   if (nm) {
     c.tp = tab + 48 * np;
     subset_tables(z0, L.KQ, tab + 48 * np);
-    L.cgb ? lut_rows<true, true, false, true>(L, c, N, y) : lut_rows<true, false, false, true>(L, c, N, y);
-  } else if (L.rc) {
-    L.cgb ? lut_rows<true, true, false>(L, c, N, y) : lut_rows<true, false, false>(L, c, N, y);
-  } else {
-    L.cgb ? lut_rows<false, true, false>(L, c, N, y) : lut_rows<false, false, false>(L, c, N, y);
   }
+  rows_of_scheme<false>(L, c, N, y);
 }
 
 // Ŵᵀ of row groups g0:g1 from the lookup layout, for the batched path: out [K, ld] (ld = 16 (g1 − g0)),

@@ -36,6 +36,7 @@ the torch backend (dequantize_rows) and the C++ CPU kernel (arbq.kernels.cpu) ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -227,15 +228,23 @@ class NMSpec(BinaryBased):
 ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)
 
 
-def binary_rows(p: PackedLinear, r0: int, r1: int) -> PackedLinear:
-    """Rows r0:r1 as a "binary" layout PackedLinear with dense sign1/group planes (expanded, 0 where pruned)."""
+def binary_rows(p: PackedLinear, r0: int, r1: int,
+                expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> PackedLinear:
+    """Rows r0:r1 as a "binary" layout PackedLinear with dense sign1/group planes (expanded, 0 where pruned).
+    expand(compact rows, keep rows) -> packed dense rows, both planes packed as stored (default: expand_plane
+    in torch; the CPU kernel passes its pdep expansion)."""
     spec = p.spec
-    keep = unpack_bits(p[KEEP][r0:r1], spec.in_features)
+    keep = p[KEEP][r0:r1]
+    if expand is None:
+        keep_bits = unpack_bits(keep, spec.in_features)           # once for both planes
+
+        def expand(compact: torch.Tensor, _keep: torch.Tensor) -> torch.Tensor:
+            return pack_bits(expand_plane(compact, keep_bits))
     t = dict(p.tensors)
     t.pop(KEEP)
     for name in COMPACT:
         if name in t:
-            t[name] = pack_bits(expand_plane(p[name][r0:r1], keep))
+            t[name] = expand(p[name][r0:r1], keep)
     for name in ROW_TENSORS:
         if name in t:
             t[name] = t[name][r0:r1]
