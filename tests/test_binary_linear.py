@@ -151,3 +151,45 @@ def test_kernel_cache_is_reset_when_buffers_change(ext):
     assert _rel(lin(x), want) < 3e-3 and _rel(before, want) > 0.1
     lin.sign1 = ~other["sign1"]                            # a new tensor
     assert _rel(lin(x), x @ lin.dequantize().T) < 3e-3
+
+
+@pytest.mark.parametrize("method,cgb,bs", [("rc", True, 32), ("sign", False, 32), ("billm", False, 16)])
+def test_decode_calls_run_bound_and_give_the_general_paths_bits(ext, monkeypatch, method, cgb, bs):
+    """BinaryLinear's fast path (the backend's bound decode call) gives the general path's exact bits for every
+    dtype, lead shape and bias, is really taken, and declines whenever its binding may be stale."""
+    import copy
+    import pickle
+
+    _, lin = _layer(method, cgb, 37, 200, bs, sd="fp16", bias=True)
+    lin.backend = None
+    monkeypatch.setenv("ARBQ_KERNEL", "cpu")
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 200, generator=g), torch.randn(2, 3, 200, generator=g), torch.randn(7, 200, generator=g),
+          torch.randn(1, 1, 200, generator=g).to(torch.bfloat16), torch.randn(1, 200, generator=g).half(),
+          torch.randn(400, generator=g)[::2]]                                  # strided [K]
+    for x in xs:
+        first = lin(x)                                                         # general path, binds
+        assert lin._fast is not None
+        fast = lin(x)
+        assert fast.dtype == x.dtype and fast.shape == (*x.shape[:-1], 37)
+        assert torch.equal(fast, lin._forward(x)) and torch.equal(fast, first)
+        want = (x.float() @ lin.dequantize().T).to(x.dtype) + lin.bias.to(x.dtype)
+        assert _rel(fast.float(), want.float()) < 1e-2
+    general, y0 = cpu.matmul, lin(xs[0])
+    monkeypatch.setattr(cpu, "matmul", lambda *a, **k: pytest.fail("a bound decode call took the general path"))
+    assert torch.equal(lin(xs[0]), y0)
+    with pytest.raises(pytest.fail.Exception):
+        lin(torch.randn(8, 200))                                               # batch >= 8: not a decode call
+    monkeypatch.setattr(cpu, "matmul", general)
+    x = xs[0]
+    assert torch.equal(copy.deepcopy(lin)(x), lin(x)) and torch.equal(pickle.loads(pickle.dumps(lin))(x), lin(x))
+    # a changed environment unbinds: fp32 tables instead of int16 ones (grouped schemes) give other bits
+    monkeypatch.setenv("ARBQ_CPU_LANES", "lut32")
+    assert torch.equal(lin(x), lin._forward(x))
+    exact = kernels.backend("torch").matmul(lin.packed(), x, {}) + lin.bias
+    assert _rel(lin(x), exact) < 1e-5
+    lin.backend = "torch"                                                      # unbinds too
+    assert torch.equal(lin(x), exact)
+    lin.backend = None
+    lin.bias.mul_(2)                                                           # a buffer changed in place
+    assert _rel(lin(x), kernels.backend("torch").matmul(lin.packed(), x, {}) + lin.bias) < 1e-5

@@ -20,7 +20,7 @@ from arbq.packed.layouts import layout_of
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN))
-from make_golden import FLAVOURS, synthetic_problem, tensor_hashes  # noqa: E402
+from make_golden import FLAVOURS, cpu_vendor, synthetic_problem, tensor_hashes  # noqa: E402
 
 DATA = json.loads((GOLDEN / "methods.json").read_text())
 KEYS = [f"{m}{'+cgb' if c else ''}" for m, c in FLAVOURS]
@@ -40,24 +40,39 @@ def test_random_results_pack_to_the_version1_bits(method, cgb):
     assert tensor_hashes(p.tensors) == DATA[f"{method}{'+cgb' if cgb else ''}"]["random_packed"]
 
 
-@pytest.mark.parametrize("method,cgb", FLAVOURS, ids=KEYS)
-def test_binarized_layer_matches_golden_error_and_bits(problem, method, cgb):
-    """The method record's fit on a fixed W, H: the output and weight errors equal the pre-refactor run's to
-    1e-4 (a binarizer 20% — or 1% — worse fails), and, run at the golden's thread count (it sets the sums'
-    order), the packed tensors are bit-identical."""
+@pytest.fixture(scope="module")
+def fits(problem) -> dict:
+    """Each method record's fit on the fixed W, H at the golden's thread count (it sets the sums' order)."""
     W, H = problem
-    key = f"{method}{'+cgb' if cgb else ''}"
-    cfg = BinarizeConfig(method=method, cgb=cgb, blocksize=64).checked()
-    before = torch.get_num_threads()
+    before, out = torch.get_num_threads(), {}
     torch.set_num_threads(DATA["_meta"]["torch_threads"])
     try:
-        res, row = get_method(method).fit(W, H, cfg, "golden")
+        for method, cgb in FLAVOURS:
+            cfg = BinarizeConfig(method=method, cgb=cgb, blocksize=64).checked()
+            out[f"{method}{'+cgb' if cgb else ''}"] = get_method(method).fit(W, H, cfg, "golden")
     finally:
         torch.set_num_threads(before)
-    want = DATA[key]
-    assert row["output_err"] == pytest.approx(want["output_err"], rel=1e-4)
-    assert row["weight_err"] == pytest.approx(want["weight_err"], rel=1e-4)
-    assert tensor_hashes(pack_linear(res, scheme_for(method, cgb), "fp16").tensors) == want["binarized_packed"]
+    return out
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_binarized_layer_matches_golden_error(fits, key):
+    """The output and weight errors equal the pre-refactor run's to 1e-4 (a binarizer 20% — or 1% — worse
+    fails), on any CPU."""
+    _, row = fits[key]
+    assert row["output_err"] == pytest.approx(DATA[key]["output_err"], rel=1e-4)
+    assert row["weight_err"] == pytest.approx(DATA[key]["weight_err"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method,cgb", FLAVOURS, ids=KEYS)
+def test_binarized_layer_matches_golden_bits(fits, method, cgb):
+    """On the CPU vendor that wrote the goldens, the packed tensors are bit-identical (elsewhere MKL orders the
+    fit's float sums differently, and a last-place difference flips scales and, through them, a few signs)."""
+    if cpu_vendor() != DATA["_meta"]["cpu_vendor"]:
+        pytest.skip(f"bit identity holds on {DATA['_meta']['cpu_vendor']} CPUs; this one is {cpu_vendor() or '?'}")
+    res, _ = fits[f"{method}{'+cgb' if cgb else ''}"]
+    assert tensor_hashes(pack_linear(res, scheme_for(method, cgb), "fp16").tensors) == \
+        DATA[f"{method}{'+cgb' if cgb else ''}"]["binarized_packed"]
 
 
 def test_golden_errors_order_the_methods():

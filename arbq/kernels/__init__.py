@@ -6,6 +6,10 @@ torch backend), `supports(p, x) -> bool` (asked only for a layout in LAYOUTS) an
 y: [M, N] = x @ Ŵᵀ, float32 (bf16 from the CPU backend's bf16 prefill path). The torch backend runs every
 layout, so it is the fallback for all.
 `cache` is a dict owned by the calling module, for derived tensors a backend prepares once.
+Optionally `bind(p, x, cache, bias, watch, env) -> call | None`: the layer's product for inputs like x bound
+once (BinaryLinear's fast path at batch 1); call(x) returns y [..., N] in x's dtype with the bias added, or None
+when a tensor in `watch` changed in place, an environment variable in `env` (or one the backend reads) changed,
+or x does not fit the binding.
 Choose with the ARBQ_KERNEL environment variable (auto | cpu | triton | torch) or BinaryLinear.backend.
 """
 
@@ -32,8 +36,11 @@ def backend(name: str) -> ModuleType:
         raise ArbqError(f"unknown kernel backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}") from None
 
 
+ENV = "ARBQ_KERNEL"
+
+
 def default_name() -> str:
-    return os.environ.get("ARBQ_KERNEL", "auto")
+    return os.environ.get(ENV, "auto")
 
 
 def runs_layout(mod: ModuleType, layout: str) -> bool:

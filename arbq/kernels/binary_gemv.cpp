@@ -33,7 +33,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -274,6 +277,7 @@ Layer make_layer(const std::vector<torch::Tensor>& ts, double vscale, int64_t K,
   Layer a{};
   a.N = sign1.size(0); a.K = K; a.B = B; a.T = (K + B - 1) / B; a.Lb = sign1.size(1); a.V = vals.size(2);
   a.nm = nm;
+  a.rc = flags[0]; a.grp_on = flags[1]; a.cgb = flags[2]; a.sal = flags[3];
   a.Kb = nm ? ts[12].size(1) : a.Lb;
   TORCH_CHECK(a.Kb == (K + 7) / 8 && vals.size(0) == a.N && vals.size(1) == a.T, "arbq: packed shapes disagree");
   if (nm) {
@@ -288,7 +292,6 @@ Layer make_layer(const std::vector<torch::Tensor>& ts, double vscale, int64_t K,
     TORCH_CHECK(!a.sal || (ts[13].dim() == 2 && ts[13].size(0) == a.N && ts[13].size(1) == s1w.size(1)),
                 "arbq: binary_nm keep words disagree with the salient words");
   }
-  a.rc = flags[0]; a.grp_on = flags[1]; a.cgb = flags[2]; a.sal = flags[3];
   a.s1 = sign1.data_ptr<uint8_t>();
   a.grp = ptr<uint8_t>(ts[1]); a.s1w = ptr<uint8_t>(s1w); a.gw = ptr<uint8_t>(ts[3]); a.s2w = ptr<uint8_t>(ts[4]);
   a.s2raw = ptr<uint8_t>(sign2);
@@ -462,6 +465,99 @@ std::string features() {
          (ARBQ_LUT16 ? "+lut16" : "");
 }
 
+
+// BinaryLinear's batch-1 fast path: one layer's decode GEMV bound once (tensors checked and the Lut / Layer built
+// at binding), so a call costs the kernel plus about a microsecond, where the general Python path costs ~10 µs,
+// more than the kernel itself at 576-wide shapes. table_bits 16 / 32: the lookup GEMV (gemv_lut_op); 0: the
+// masked-add GEMV in lane mode `mode` (gemv). call(x) returns None whenever the binding may be stale or does not
+// apply, and the caller takes its general path: a watched tensor changed in place (its version counter), a watched
+// environment variable differs from its value at binding, or x is not [..., K] float32 / bfloat16 / float16 on
+// the CPU with 1 .. max_rows rows. Else y [..., N] = fp32(x) @ W^T rounded to x's dtype, plus the bias in x's
+// dtype: the general path's operations in its order, so the same bits.
+class DecodeCall {
+ public:
+  DecodeCall(std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
+             int64_t table_bits, int64_t mode, std::optional<torch::Tensor> bias, std::vector<torch::Tensor> watch,
+             std::vector<std::string> env, int64_t max_rows)
+      : ts_(std::move(ts)), watch_(std::move(watch)), K_(K), N_(N), max_rows_(max_rows), table_bits_(table_bits) {
+    TORCH_CHECK(table_bits == 0 || table_bits == 16 || table_bits == 32, "arbq: table_bits must be 0, 16 or 32");
+    if (bias) bias_ = *bias;
+    for (const auto& t : watch_) versions_.push_back(t._version());
+    for (auto& name : env) {
+      const char* v = std::getenv(name.c_str());
+      env_.push_back({std::move(name), v != nullptr, v ? v : ""});
+    }
+    if (table_bits > 0) {
+#if ARBQ_AVX512
+      lut_ = make_lut(ts_, K, N, B, flags);
+      i16_ = ARBQ_LUT16 && table_bits == 16 && B % 8 == 0;
+#else
+      TORCH_CHECK(false, "arbq: this build has no lookup kernel");
+#endif
+    } else {
+      layer_ = make_layer(ts_, vscale, K, B, flags);
+      TORCH_CHECK(layer_.N == N, "arbq: packed rows disagree with N");
+      vec_ = ARBQ_AVX512 && mode > 0 && B % 16 == 0;
+      mode_ = mode;
+      if (!vec_) cidx_ = compact_index(layer_);
+    }
+  }
+
+  std::optional<torch::Tensor> operator()(const torch::Tensor& x) const {
+    const auto dt = x.scalar_type();
+    if (!x.device().is_cpu() || x.dim() < 1 || x.size(-1) != K_ ||
+        (dt != torch::kFloat && dt != torch::kBFloat16 && dt != torch::kHalf))
+      return std::nullopt;
+    const int64_t M = x.numel() / K_;
+    if (M < 1 || M > max_rows_) return std::nullopt;
+    for (size_t i = 0; i < watch_.size(); ++i)
+      if (watch_[i]._version() != versions_[i]) return std::nullopt;
+    for (const auto& e : env_) {
+      const char* v = std::getenv(e.name.c_str());
+      if ((v != nullptr) != e.set || (v != nullptr && e.value != v)) return std::nullopt;
+    }
+    const bool plain = dt == torch::kFloat && x.is_contiguous();     // the decode case: no copy of x
+    const torch::Tensor xf = plain ? x : x.to(torch::kFloat).contiguous();
+    auto sizes = x.sizes().vec();
+    sizes.back() = N_;
+    auto y = torch::empty(sizes, torch::kFloat);
+    const float* xp = xf.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) row(xp + m * K_, yp + m * N_);
+    if (dt != torch::kFloat) y = y.to(dt);
+    if (bias_.defined()) y = y + bias_.to(dt);
+    return y;
+  }
+
+ private:
+  struct Env { std::string name; bool set; std::string value; };
+
+  void row(const float* x, float* y) const {
+    if (table_bits_ > 0) {
+#if ARBQ_AVX512
+      gemv_lut(lut_, x, K_, N_, y, i16_);
+#endif
+      return;
+    }
+#if ARBQ_AVX512
+    if (vec_) { gemv_avx512(layer_, x, y, mode_); return; }
+#endif
+    gemv_scalar(layer_, cidx_.data(), x, y);
+  }
+
+  std::vector<torch::Tensor> ts_, watch_;
+  std::vector<int64_t> versions_;
+  std::vector<Env> env_;
+  torch::Tensor bias_;
+  int64_t K_, N_, max_rows_, table_bits_, mode_ = 0;
+  bool i16_ = false, vec_ = false;
+  Layer layer_{};
+#if ARBQ_AVX512
+  Lut lut_{};
+#endif
+  std::vector<int32_t> cidx_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -472,5 +568,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_lut", &dequant_lut_op, "W^T of row groups g0:g1 from the kernel layout as float32 or bfloat16 (into out)");
 #endif
   m.def("nm_expand", &nm_expand, "binary_nm: a compact plane expanded by the keep plane (pruned bits 0)");
+  pybind11::class_<DecodeCall>(m, "DecodeCall", "one layer's batch-1 GEMV bound once: call(x) -> y or None")
+      .def(pybind11::init<std::vector<torch::Tensor>, double, int64_t, int64_t, int64_t, std::vector<bool>, int64_t,
+                          int64_t, std::optional<torch::Tensor>, std::vector<torch::Tensor>, std::vector<std::string>,
+                          int64_t>())
+      .def("__call__", &DecodeCall::operator());
   m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
 }

@@ -51,6 +51,7 @@ ZERO_LANE = 15
 LANE_MODES = {"scalar": 0, "fp32": 1, "fp16": 2, "lut": 3, "lut32": 4}
 LUT = 3
 TABLE_BITS = {LUT: 16, LANE_MODES["lut32"]: 32}      # lookup modes: bits of a table entry
+ENV = ("ARBQ_CPU_LANES",)      # the environment a bound decode call (bind) depends on
 
 _ext = None
 
@@ -284,6 +285,34 @@ def _matmul_lut(p: PackedLinear, x: torch.Tensor, cache: dict, dtype: torch.dtyp
     return y
 
 
+def _gemv_args(p: PackedLinear, cache: dict, mode: int) -> tuple[list, float, list, int]:
+    """The batch-1 GEMV of this layer in lane mode `mode`: (tensors, vscale, flags, table_bits), table_bits 16 or
+    32 for the lookup GEMV (gemv_lut), 0 for the masked-add GEMV (gemv, which also takes `mode`)."""
+    if p.spec.layout == "binary_lut" or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
+        c = _lut(p, cache)
+        return c["tensors"], 1.0, c["flags"], TABLE_BITS.get(mode, 32)
+    if NAME not in cache:
+        cache[NAME] = prepare(p)
+    c = cache[NAME]
+    return c["tensors"], c["vscale"], c["flags"], 0
+
+
+def bind(p: PackedLinear, x: torch.Tensor, cache: dict, bias: torch.Tensor | None, watch: list[torch.Tensor],
+         env: list[str]):
+    """The layer's decode GEMV bound once for BinaryLinear's fast path (the kernel's DecodeCall), or None where
+    x is not a decode call (M >= BATCH_TILE) or the kernel is missing. call(x) gives y [..., N] in x's dtype
+    (+ bias) as matmul would, or None once a tensor in `watch` changed in place, ENV or a variable in `env`
+    changed, or x does not fit the binding (device, width, rows, dtype): the caller then takes its general path.
+    """
+    ext = extension()
+    if ext is None or not hasattr(ext, "DecodeCall") or x.reshape(-1, p.spec.in_features).shape[0] >= BATCH_TILE:
+        return None
+    mode = _mode()
+    tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
+    return ext.DecodeCall(tensors, vscale, p.spec.in_features, p.spec.out_features, p.spec.blocksize, flags,
+                          table_bits, mode, bias, watch, [*ENV, *env], BATCH_TILE - 1)
+
+
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ Ŵᵀ (fp32, or bf16 from the bf16 prefill path). mode (LANE_MODES): 0 scalar
     C++, 1 fp32 lanes, 2 fp16 lanes where safe, 3 table lookup with int16 tables, 4 with fp32 tables (grouped
@@ -299,14 +328,10 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
     x = x.float().contiguous()
     is_lut = p.spec.layout == "binary_lut"           # its only kernels: lookup GEMV and dequant_lut
     if x.shape[0] < BATCH_TILE:
-        if is_lut or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
-            c = _lut(p, cache)
-            return ext.gemv_lut(x, c["tensors"], p.spec.out_features, p.spec.blocksize, c["flags"],
-                                TABLE_BITS.get(mode, 32))
-        if NAME not in cache:
-            cache[NAME] = prepare(p)
-        c = cache[NAME]
-        return ext.gemv(x, c["tensors"], c["vscale"], p.spec.blocksize, c["flags"], mode)
+        tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
+        if table_bits:
+            return ext.gemv_lut(x, tensors, p.spec.out_features, p.spec.blocksize, flags, table_bits)
+        return ext.gemv(x, tensors, vscale, p.spec.blocksize, flags, mode)
     n, k = p.spec.out_features, p.spec.in_features
     if is_lut:
         return _matmul_lut(p, x, cache, torch.float32, TILE_ROWS // lut.LANES)

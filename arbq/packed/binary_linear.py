@@ -32,6 +32,19 @@ class BinaryLinear(nn.Module):
         self.register_buffer("bias", torch.empty(spec.out_features, dtype=dtype, device=device) if bias else None)
         self._cache_key: tuple = ()
         self._cache: dict = {}
+        self._fast: tuple | None = None      # (ids of the buffers, a backend's bound decode call)
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self._backend, self._fast = name, None
+
+    def __getstate__(self) -> dict:
+        # what the kernels derived (tables, the backend module, a bound call) is rebuilt, not copied or pickled
+        return {**self.__dict__, "_fast": None, "_cache_key": (), "_cache": {}}
 
     @classmethod
     def from_packed(cls, p: PackedLinear, bias: torch.Tensor | None = None,
@@ -55,7 +68,16 @@ class BinaryLinear(nn.Module):
         return self._cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., K] -> y: [..., N]
+        """y [..., N] = x [..., K] @ Ŵᵀ (+ bias). A decode call goes straight to the backend's bound call (bind)
+        while the buffers are the ones it was bound to; it declines (None) whatever it cannot vouch for."""
+        fast = self._fast
+        if fast is not None and fast[0] == tuple(map(id, self._buffers.values())):
+            y = fast[1](x)
+            if y is not None:
+                return y
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, cache = x.shape[:-1], self.kernel_cache()
         if "packed" not in cache:  # per-call Python overhead matters at batch 1: build these once
             cache["packed"] = self.packed()
@@ -63,10 +85,16 @@ class BinaryLinear(nn.Module):
         key = ("backend", name, x.device.type)
         if key not in cache:
             cache[key] = kernels.pick(p, x, name)
-        y = cache[key].matmul(p, x.reshape(-1, self.in_features), cache)
+        mod = cache[key]
+        y = mod.matmul(p, x.reshape(-1, self.in_features), cache)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
+        if hasattr(mod, "bind"):
+            env = [] if self.backend else [kernels.ENV]
+            watch = [b for b in self._buffers.values() if b is not None]
+            call = mod.bind(p, x, cache, self.bias, watch, env)
+            self._fast = None if call is None else (tuple(map(id, self._buffers.values())), call)
         return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:

@@ -44,6 +44,18 @@ def tensor_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return out
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, ...; "" where /proc/cpuinfo is missing): MKL runs other
+    kernels on other vendors, so the fits' float sums, and with them the binarized bits, differ in the last place."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def main() -> None:
     from packing_utils import random_result
 
@@ -63,8 +75,9 @@ def main() -> None:
         real = tensor_hashes(pack_linear(fit, scheme_for(method, cgb), "fp16").tensors)
         golden[key] = {"random_packed": rnd, "binarized_packed": real, "weight_err": row["weight_err"],
                        "output_err": row.get("output_err")}
-    golden["_meta"] = {"torch_threads": torch.get_num_threads(),
-                       "note": "binarized hashes are bit-exact only at this thread count (sum order)"}
+    golden["_meta"] = {"torch_threads": torch.get_num_threads(), "cpu_vendor": cpu_vendor(),
+                       "note": "binarized hashes are bit-exact only at this thread count (sum order) on this CPU "
+                               "vendor (MKL's kernels)"}
     (HERE / "methods.json").write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
 
     from conftest import save_tiny
