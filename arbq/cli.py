@@ -120,8 +120,10 @@ def pack(
     json_out: Path = typer.Option(None, "--json", help="Write the size report as JSON."),
     interleave: bool = typer.Option(False, help="Write grouped binary layers (billm, x, rc, ± cgb) in the CPU "
                                                 "lookup kernel's own layout (binary_lut: the same bits, 16 rows "
-                                                "interleaved): no run-time copy, resident memory ≈ the file. GPUs "
-                                                "run it through the torch backend."),
+                                                "interleaved) and N:M layers with column scales (pbs2p, stbllm) in "
+                                                "binary_nm_lut (expanded codes: 3 bits per weight for signs, groups "
+                                                "and positions, vs 1 + 2n/m): no run-time copy, resident memory ≈ "
+                                                "the file. GPUs run them through the torch backend."),
 ) -> None:
     """Write real 1-bit safetensors plus a config that says how to read them."""
     from arbq.stages.pack import run_pack

@@ -87,7 +87,7 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
 
     cuda = device.startswith("cuda")
     name = label or f"{method}{'+cgb' if cgb else ''}{f' {nm}' if nm else ''}"
-    out: dict = {"method": name, "layout": "binary_nm" if nm else "binary_lut" if interleave else "binary", "nm": nm,
+    out: dict = {"method": name, "layout": ("binary_nm" if nm else "binary") + ("_lut" if interleave else ""), "nm": nm,
                  "scale_dtype": "fp16", "device": device,
                  "dense_dtype": "bf16" if cuda else "fp32", "threads": torch.get_num_threads(),
                  "clock": "cuda events" if cuda else clock, "repeats": repeats, "warmup": warmup,

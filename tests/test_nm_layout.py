@@ -330,4 +330,23 @@ def test_pack_load_forward_tiny_model(tmp_path, nm_method, monkeypatch):
     from arbq.kernels import cpu
     if cpu.extension() is not None:
         assert "lut" in lin.kernel_cache()
+    # `arbq pack --interleave`: the kernel's own layout (binary_nm_lut), 3 bits per weight for codes + positions
+    rep2 = run_pack([tmp_path / "run"], tmp_path / "packed_lut", dtype="fp32", scale_dtype="fp32", interleave=True)
+    b2 = rep2["binarized"]
+    assert b2["measured_equals_formula"] and b2["bpw_paper"] == b["bpw_paper"]
+    assert b2["bpw_measured"]["nm_positions"] == pytest.approx(1.0, rel=0.1)      # rows padded to 16
+    assert b2["bpw_honest"] > b["bpw_honest"] + 0.9                               # 3 vs 1 + 2·4/8 bits
+    q2 = json.loads((tmp_path / "packed_lut" / "config.json").read_text())["quantization_config"]
+    assert {e["layout"] for e in q2["modules"].values()} == {"binary_nm_lut"}
+    model2 = arbq.load(tmp_path / "packed_lut")
+    for (i, name), res in results.items():
+        assert torch.equal(model2.model.layers[i].get_submodule(name).dequantize(), res.dequantize())
+    with torch.no_grad():
+        assert torch.allclose(model2(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / "packed_lut", dtype=torch.float32)
+        assert torch.allclose(hf2(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        assert float((model2(one).logits - want).abs().max()) < 1e-3 * float(want.abs().max())
+    if cpu.extension() is not None:
+        lin2 = model2.model.layers[1].mlp.down_proj
+        assert lin2.kernel_cache()["lut"]["tensors"][0].data_ptr() == lin2.codes.data_ptr()   # no copy
 

@@ -22,10 +22,10 @@ import torch
 from arbq.methods.nm import nm_mask
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
-from arbq.packed import lut
 from arbq.packed import nm as nm_layout
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear, pack_linear
+from arbq.packed.layouts import lookup_form
 
 
 def random_result(n: int, k: int, method: str, cgb: bool, blocksize: int = 128, salient_frac: float = 0.08,
@@ -54,19 +54,20 @@ def random_keep(n: int, k: int, kept: int, m: int, seed: int = 0) -> torch.Tenso
 
 def random_packed(n: int, k: int, method: str, cgb: bool, scale_dtype: str = "fp16", nm: str | None = None,
                   blocksize: int = 128, seed: int = 0, interleave: bool = False) -> PackedLinear:
-    """random_result packed in the method's "binary" layout (interleave: rearranged into "binary_lut",
-    arbq.packed.lut), or with nm = "N:M" in "binary_nm" (random N:M positions, the same binary scheme on the
-    kept weights)."""
+    """random_result packed in the method's "binary" layout, or with nm = "N:M" in "binary_nm" (random N:M
+    positions, the same binary scheme on the kept weights); interleave: in the lookup kernel's own layout
+    (arbq.packed.layouts.lookup_form: binary_lut, binary_nm_lut)."""
     res = random_result(n, k, method, cgb, blocksize, seed=seed)
     if nm is None:
         p = pack_linear(res, scheme_for(method, cgb), scale_dtype)
-        return lut.from_binary(p) if interleave else p
+        return lookup_form(p) if interleave else p
     kept, m = (int(v) for v in nm.split(":"))
     sc = scheme_for(method, cgb)
     params = {"rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb, "blocksize": blocksize,
               "n": kept, "m": m}
     keep = random_keep(n, k, kept, m, seed + 1)
-    return nm_layout.pack(nm_layout.NMResult(res, keep, kept, m), params, scale_dtype)
+    p = nm_layout.pack(nm_layout.NMResult(res, keep, kept, m), params, scale_dtype)
+    return lookup_form(p) if interleave else p
 
 
 def stats(ts: list[float]) -> dict:

@@ -423,7 +423,6 @@ torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_
 torch::Tensor dequant_lut_op(std::vector<torch::Tensor> ts, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
                              int64_t g0, int64_t g1, torch::Tensor out) {
   const Lut L = make_lut(ts, K, N, B, flags);
-  TORCH_CHECK(L.keep == nullptr, "arbq: dequant_lut does not read N:M keep bytes");
   const bool bf16 = out.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(0 <= g0 && g0 <= g1 && g1 <= L.N16, "arbq: row groups out of range");
   TORCH_CHECK((bf16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 &&

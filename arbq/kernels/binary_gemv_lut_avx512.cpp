@@ -413,7 +413,8 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
 // Ŵᵀ of row groups g0:g1 from the lookup layout, for the batched path: out [K, ld] (ld = 16 (g1 − g0)),
 // column j of row 16g + r at out[j ld + 16 (g − g0) + r], fp32 (out32) or bf16 rounded to nearest even
 // (out16). Rows in lanes as in the GEMV: per column, the sign and group masks of 16 rows are tested in the
-// column's quad of code bytes; salient columns take the residual formula with the stored sign2 word.
+// column's quad of code bytes; salient columns take the residual formula with the stored sign2 word; N:M
+// (keep bytes) zeroes the pruned rows of each column.
 template <bool RC, bool CGB>
 void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* out32, uint16_t* out16) {
   const int64_t ld = 16 * (g1 - g0);
@@ -455,6 +456,10 @@ void dequant_lut_rows(const Lut& L, int64_t K, int64_t g0, int64_t g1, float* ou
             }
             w = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(ms), zero, w1), _mm512_mask_sub_ps(w2, n2, zero, w2));
             if (!RC) w = _mm512_add_ps(w, _mm512_mask_blend_ps(g, m10, m11));
+          }
+          if (L.keep) {      // N:M: exact zeros at the rows' pruned positions
+            const __m128i kb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(L.keep + (rg * L.KB + (j >> 3)) * 16));
+            w = _mm512_maskz_mov_ps(_mm_test_epi8_mask(kb, _mm_set1_epi8(static_cast<char>(1 << (j & 7)))), w);
           }
           if (out16) store_bf16x16(w, out16 + j * ld + col0);
           else _mm512_storeu_ps(out32 + j * ld + col0, w);

@@ -3,14 +3,14 @@
 The kernel is built on first use by arbq.kernels.cpu_build (per CPU and source hash, with a timeout and a
 sha256 check); if it cannot be built the backend reports itself unsupported and the torch backend is used.
 
-Layouts: "binary", "binary_nm" (arbq.packed.nm, any n:m) and "binary_lut" (arbq.packed.lut). The kernel reads
-binary_nm's compacted sign / group planes and its occupancy plane as stored, expanding each row in per-thread
-scratch (one pdep per 64 columns); pruned positions contribute exactly 0. Table lookup (ARBQ_CPU_LANES=lut)
-runs "binary" (from a load-time copy in its own layout), "binary_lut" (from the layer's own tensors) and
-binary_nm of RC schemes (from a load-time copy: the expanded sign / group codes and the keep plane by 16 rows;
-pruned weights are cancelled by pruned-sum tables); other binary_nm layers (and ARBQ_CPU_LANES=fp32) use the
-fp32 masked-add kernel at batch 1, which reads the file's compacted planes in place (fp16 lanes with
-ARBQ_CPU_LANES=fp16).
+Layouts: "binary", "binary_nm" (arbq.packed.nm, any n:m), "binary_lut" (arbq.packed.lut) and "binary_nm_lut"
+(arbq.packed.nm_lut). The kernel reads binary_nm's compacted sign / group planes and its occupancy plane as
+stored, expanding each row in per-thread scratch (one pdep per 64 columns); pruned positions contribute exactly
+0. Table lookup (ARBQ_CPU_LANES=lut) runs "binary" (from a load-time copy in its own layout), "binary_lut" and
+"binary_nm_lut" (from the layer's own tensors) and binary_nm of RC schemes (from a load-time copy, its
+binary_nm_lut form: the expanded sign / group codes and the keep plane by 16 rows; pruned weights are cancelled
+by pruned-sum tables); other binary_nm layers (and ARBQ_CPU_LANES=fp32) use the fp32 masked-add kernel at batch
+1, which reads the file's compacted planes in place (fp16 lanes with ARBQ_CPU_LANES=fp16).
 
 Batch M < BATCH_TILE: the kernel loops over x rows (memory-bound decode). M >= BATCH_TILE: rows of Ŵ
 are dequantized TILE_ROWS at a time by the kernel and multiplied with torch.matmul (compute-bound
@@ -23,18 +23,19 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 
 from arbq.kernels import cpu_build
-from arbq.packed import lut
-from arbq.packed import nm as nm_layout
+from arbq.packed import lut, nm_lut
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
 from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
-LAYOUTS = ("binary", "binary_nm", "binary_lut")
+LAYOUTS = ("binary", "binary_nm", "binary_lut", "binary_nm_lut")
+OWN_LUT = ("binary_lut", "binary_nm_lut")     # layouts the lookup reads in place (their only kernels: GEMV, dequant)
 BATCH_TILE = 8
 TILE_ROWS = 256
 PANEL_BYTES = 16 << 20      # bf16 prefill: Ŵ rows per panel = PANEL_BYTES / (2 K) (fewer, larger oneDNN calls)
@@ -77,10 +78,10 @@ def extension():
 
 
 def supports(p: PackedLinear, x: torch.Tensor) -> bool:
-    """CPU tensors and a built kernel; binary_lut needs the AVX-512 build (its lookup kernel)."""
+    """CPU tensors and a built kernel; binary_lut and binary_nm_lut need the AVX-512 build (the lookup kernel)."""
     ext = extension()
     return (x.device.type == "cpu" and p.device.type == "cpu" and ext is not None
-            and (p.spec.layout != "binary_lut" or hasattr(ext, "dequant_lut")))
+            and (p.spec.layout not in OWN_LUT or hasattr(ext, "dequant_lut")))
 
 
 def _aligned_words(bits: torch.Tensor, spos: torch.Tensor, n_words: int) -> torch.Tensor:
@@ -149,11 +150,14 @@ def prepare(p: PackedLinear) -> dict:
 def prepare_lut(p: PackedLinear) -> dict:
     """The table-lookup kernel's tensors of one layer (built once, cached on the module): those of the
     binary_lut layout (arbq.packed.lut: codes [N16, KQ, 16], sign2 words [N16, S], values [N16, T, V, 16]),
-    read in place from a binary_lut layer, rearranged once from a "binary" one; plus the salient column
-    indices, the first salient of each block, the slot lanes and the column scales fp32 [4, K]. Values that
-    are not fp16 are converted to fp32 (values_scale applied): the one copy a binary_lut layer gets."""
-    nm = p.spec.layout == "binary_nm"
-    q = p if p.spec.layout == "binary_lut" else lut.from_binary(_dense_binary(p) if nm else p)
+    read in place from a binary_lut or binary_nm_lut layer, rearranged once from a "binary" or "binary_nm"
+    one; plus the salient column indices, the first salient of each block, the slot lanes and the column
+    scales fp32 [4, K]; N:M: the keep bytes [N16, ⌈K/8⌉, 16] (arbq.packed.nm_lut). Values that are not fp16
+    are converted to fp32 (values_scale applied): the one copy a binary_lut layer gets."""
+    if p.spec.layout == "binary_nm":        # the N:M lookup's load-time copy: the layer's binary_nm_lut form
+        p = nm_lut.from_nm(p, expand=_nm_expander(p.spec))
+    layout = p.spec.layout
+    q = p if layout == "binary_lut" else nm_lut.as_lut(p) if layout == "binary_nm_lut" else lut.from_binary(p)
     spec, sc = q.spec, q.spec.scheme
     k, bs = spec.in_features, spec.blocksize
     sidx = unpack_bits(q["salient"], k).nonzero()[:, 0]
@@ -164,32 +168,24 @@ def prepare_lut(p: PackedLinear) -> dict:
     pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(q).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
     tensors = [q["codes"], q["sign2"], sidx.to(torch.int32), soff.to(torch.int32), vt.contiguous(), pos, cs]
-    if nm:
-        tensors.append(_keep_bytes(p[KEEP], lut.LANES * spec.row_groups))
+    if layout == "binary_nm_lut":
+        tensors.append(p[KEEP])
     return dict(tensors=tensors, flags=[sc.rc, sc.cgb])
 
 
-def _dense_binary(p: PackedLinear) -> PackedLinear:
-    """A binary_nm layer as the "binary" layout with its compacted planes expanded (0 where pruned): the codes
-    the N:M lookup reads (its pruned-sum pass cancels the s = -1, g = 0 those positions then carry). The
-    kernel's nm_expand (one pdep per 64 columns) does the expansion: 11008 × 4096 in ~0.3 s instead of 1.3."""
-    spec, ext = p.spec, extension()
-    return nm_layout.binary_rows(p, 0, spec.out_features, expand=lambda compact, keep: ext.nm_expand(
-        compact.contiguous(), keep.contiguous(), spec.in_features, spec.n, spec.m))
-
-
-def _keep_bytes(keep: torch.Tensor, rows: int) -> torch.Tensor:
-    """The occupancy plane [N, ceil(K/8)] -> uint8 [rows/16, ceil(K/8), 16] (rows past N: 0), 16 rows per byte
-    column as the codes: byte (G, b, r) = columns 8b..8b+7 of row 16G + r."""
-    pad = torch.cat([keep, keep.new_zeros(rows - keep.shape[0], keep.shape[1])]) if rows > keep.shape[0] else keep
-    return pad.reshape(rows // lut.LANES, lut.LANES, -1).transpose(1, 2).contiguous()
+def _nm_expander(spec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """binary_nm's plane expansion (nm.binary_rows' `expand`) by the kernel's nm_expand, one pdep per 64 columns:
+    11008 × 4096 in ~0.3 s instead of 1.3 in torch."""
+    ext = extension()
+    return lambda compact, keep: ext.nm_expand(compact.contiguous(), keep.contiguous(), spec.in_features, spec.n,
+                                               spec.m)
 
 
 def lut_supported(p: PackedLinear) -> bool:
     """Whether the lookup GEMV runs this layer: grouped schemes with salient columns ("binary", "binary_lut"),
-    and binary_nm of such a scheme with column scales (RC: no means)."""
+    and binary_nm / binary_nm_lut of such a scheme with column scales (RC: no means)."""
     sc = p.spec.scheme
-    layout_ok = p.spec.layout in ("binary", "binary_lut") or (p.spec.layout == "binary_nm" and sc.rc)
+    layout_ok = p.spec.layout in ("binary", *OWN_LUT) or (p.spec.layout == "binary_nm" and sc.rc)
     return layout_ok and lut.supports(sc, p.spec.blocksize) and hasattr(extension(), "gemv_lut")
 
 
@@ -215,7 +211,7 @@ def dequantize(p: PackedLinear, cache: dict, r0: int, r1: int, mode: int | None 
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0:r1 of Ŵ, fp32 [r1 - r0, K] (or bf16 into a bf16 `out`), by the kernel (mode 0: its scalar
     code), into `out` if given. binary_lut: from dequantize_lut_t's columns (mode ignored)."""
-    if p.spec.layout == "binary_lut":
+    if p.spec.layout in OWN_LUT:
         g0, g1 = r0 // lut.LANES, -(-r1 // lut.LANES)
         dt = torch.float32 if out is None else out.dtype
         wt = dequantize_lut_t(p, cache, g0, g1, torch.empty(p.spec.in_features, lut.LANES * (g1 - g0), dtype=dt))
@@ -256,7 +252,7 @@ def matmul_bf16(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int) -> tor
     output rows are contiguous."""
     n, k = p.spec.out_features, p.spec.in_features
     rows = max(16, min(n, PANEL_BYTES // (2 * k)))
-    if p.spec.layout == "binary_lut":
+    if p.spec.layout in OWN_LUT:
         return _matmul_lut(p, x.to(torch.bfloat16).contiguous(), cache, torch.bfloat16, rows // lut.LANES)
     xt = x.to(torch.bfloat16).T
     buf = _panel_buffer(rows, k)
@@ -288,7 +284,7 @@ def _matmul_lut(p: PackedLinear, x: torch.Tensor, cache: dict, dtype: torch.dtyp
 def _gemv_args(p: PackedLinear, cache: dict, mode: int) -> tuple[list, float, list, int]:
     """The batch-1 GEMV of this layer in lane mode `mode`: (tensors, vscale, flags, table_bits), table_bits 16 or
     32 for the lookup GEMV (gemv_lut), 0 for the masked-add GEMV (gemv, which also takes `mode`)."""
-    if p.spec.layout == "binary_lut" or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
+    if p.spec.layout in OWN_LUT or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
         c = _lut(p, cache)
         return c["tensors"], 1.0, c["flags"], TABLE_BITS.get(mode, 32)
     if NAME not in cache:
@@ -326,7 +322,7 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
     if x.shape[0] >= BATCH_TILE and prefill_bf16(x):
         return matmul_bf16(p, x, cache, mode)
     x = x.float().contiguous()
-    is_lut = p.spec.layout == "binary_lut"           # its only kernels: lookup GEMV and dequant_lut
+    is_lut = p.spec.layout in OWN_LUT
     if x.shape[0] < BATCH_TILE:
         tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
         if table_bits:

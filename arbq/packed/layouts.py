@@ -11,6 +11,8 @@ kernels declare the layouts they run (arbq.kernels), the torch backend runs them
                planes compacted to the kept positions, the binary layout's other tensors
     binary_lut arbq.packed.lut: the binary layout's bits interleaved by 16 rows as the CPU lookup kernel reads
                them (`arbq pack --interleave`): no run-time copy
+    binary_nm_lut  arbq.packed.nm_lut: binary_nm's planes expanded and interleaved the same way, with the
+               occupancy plane (`arbq pack --interleave` of an N:M run with column scales)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from arbq.errors import ArbqError
-from arbq.packed import codec, lut, nm, uniform
+from arbq.packed import codec, lut, nm, nm_lut, uniform
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import LinearSpec, Scheme
 
@@ -67,6 +69,8 @@ LAYOUTS: dict[str, Layout] = {
     "uniform": Layout("uniform", uniform.UniformSpec, uniform.pack, uniform.dequantize_rows, uniform.validate),
     "binary_nm": Layout("binary_nm", nm.NMSpec, nm.pack, nm.dequantize_rows, nm.validate, _stored_binary),
     "binary_lut": Layout("binary_lut", lut.LutSpec, lut.pack, lut.dequantize_rows, lut.validate, _stored_binary),
+    "binary_nm_lut": Layout("binary_nm_lut", nm_lut.NMLutSpec, nm_lut.pack, nm_lut.dequantize_rows, nm_lut.validate,
+                            _stored_binary),
 }
 
 
@@ -89,6 +93,16 @@ def dequantize(p: PackedLinear, rows: int = ROWS_PER_TILE) -> torch.Tensor:
     n, k = p.spec.out_features, p.spec.in_features
     fn = layout_of(p.spec.layout).dequantize_rows
     return torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
+
+
+def lookup_form(p: PackedLinear, name: str = "linear") -> PackedLinear:
+    """p in the CPU lookup kernel's own layout where it has one (`arbq pack --interleave`): binary -> binary_lut
+    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column scales too); else p."""
+    if p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
+        return lut.from_binary(p, name)
+    if p.spec.layout == "binary_nm" and nm_lut.supports(p.spec):
+        return nm_lut.from_nm(p, name)
+    return p
 
 
 def validate(p: PackedLinear, name: str = "linear") -> None:

@@ -37,9 +37,8 @@ from arbq.methods.registry import get_method
 from arbq.models.arch import decoder_layers
 from arbq.models.loading import load_model, load_tokenizer, resolve
 from arbq.models.moe import unfuse_experts
-from arbq.packed import lut
 from arbq.packed.format import BIT_ORDER, FORMAT_VERSION, QUANT_METHOD, scale_dtype_of
-from arbq.packed.layouts import layout_of
+from arbq.packed.layouts import layout_of, lookup_form
 from arbq.packed.loader import MANIFEST, MANIFEST_FORMAT, expected_tensors
 from arbq.packed.sizes import SizeReport, report_table
 from arbq.stages.run_dir import RunDir
@@ -161,8 +160,8 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
              json_out: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, interleave: bool = False) -> dict:
     """Pack the runs into `out`; returns (and prints, and optionally writes) the size report.
     scale_dtype None = the recipe's (the dtype the fit rounded its scales to; runs older than that
-    option: fp16). interleave: binary-layout linears whose scheme the CPU lookup kernel runs are written
-    in the "binary_lut" layout (arbq.packed.lut: the same bits, as that kernel reads them)."""
+    option: fp16). interleave: linears whose scheme the CPU lookup kernel runs are written in its own layout
+    (arbq.packed.layouts.lookup_form: binary -> binary_lut, the same bits; binary_nm -> binary_nm_lut)."""
     if dtype not in DTYPES:
         raise ArbqError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if scale_dtype is not None:
@@ -201,8 +200,8 @@ def _run_pack(runs: list[Path], out: Path, dtype: str = "fp16", scale_dtype: str
                 if rec.name != cfg.method:
                     raise ArbqError(f"{full}: the run holds a {rec.name} result but its recipe says {cfg.method}")
                 p = layout_of(rec.layout).pack(res, rec.layout_params(cfg), scale_dtype or cfg.scale_dtype, full)
-                if interleave and p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
-                    p = lut.from_binary(p, full)
+                if interleave:
+                    p = lookup_form(p, full)
                 tensors = dict(p.tensors)
                 if lin.bias is not None:
                     tensors["bias"] = lin.bias.detach().to(DTYPES[dtype])
