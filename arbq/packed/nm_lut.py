@@ -34,6 +34,10 @@ from arbq.packed.lut import LANES
 from arbq.packed.nm import KEEP
 
 
+VALIDATE_ROWS = 64      # rows per check at load: small temporaries, which the allocator reuses instead of keeping
+                        # (1024-row tiles left ~100 MB resident after loading a 4096-class model)
+
+
 def supports(spec: nm.NMSpec) -> bool:
     """Whether a binary_nm linear has a binary_nm_lut form (the N:M lookup kernel's schemes)."""
     return spec.scheme.rc and lut.supports(spec.scheme, spec.blocksize)
@@ -143,8 +147,8 @@ def validate(p: PackedLinear, name: str = "linear") -> None:
     pruned weights assumes)."""
     lut.validate(p, name)
     spec = p.spec
-    for r0 in range(0, spec.out_features, nm.ROWS):
-        r1 = min(r0 + nm.ROWS, spec.out_features)
+    for r0 in range(0, spec.out_features, VALIDATE_ROWS):
+        r1 = min(r0 + VALIDATE_ROWS, spec.out_features)
         keep = keep_rows(p, r0, r1)
         if not nm.nm_counts_ok(keep, spec.n, spec.m):
             raise ArbqError(f"{name}: the keep plane is not {spec.n}:{spec.m} (every {spec.m} consecutive columns "
