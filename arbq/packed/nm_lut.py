@@ -33,7 +33,6 @@ from arbq.packed.format import BinaryBased, unpack_bits
 from arbq.packed.lut import LANES
 from arbq.packed.nm import KEEP
 
-
 VALIDATE_ROWS = 64      # rows per check at load: small temporaries, which the allocator reuses instead of keeping
                         # (1024-row tiles left ~100 MB resident after loading a 4096-class model)
 
