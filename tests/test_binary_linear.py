@@ -119,6 +119,35 @@ def test_lookup_int16_tables_round_only_the_inputs(ext):
     assert 10 * e32 < e16 < 1e-3
 
 
+@pytest.mark.parametrize("n,k,bs,sd", [(37, 200, 32, "fp16"), (16, 4100, 128, "fp16"), (33, 520, 64, "fp8"),
+                                       (5, 64, 32, "bf16"), (11, 70, 96, "fp16")])
+def test_sign_lookup_reads_its_own_plane_and_rounds_only_the_inputs(ext, n, k, bs, sd):
+    """The sign scheme's lookup (4-column subset sums of x) runs from the layer's own sign plane, K not a multiple
+    of 32 (a last partial dword) and N not of 16 included: with int16 tables it equals an independent emulation
+    of its one rounding (x per block to q = rint(x · 8191 / max |x|), μ X_t from the same q), with fp32 tables
+    the torch backend to 1e-6."""
+    res = random_result(n, k, "sign", False, bs, seed=n + k)
+    p = pack_linear(res, scheme_for("sign", False), sd)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(k))
+    x[0, ::29] *= 40                                            # outliers widen their blocks' steps
+    cache: dict = {}
+    exact = kernels.backend("torch").matmul(p, x, {})
+    assert _rel(cpu.matmul(p, x, cache, mode=cpu.LANE_MODES["lut32"]), exact) < 1e-6
+    assert cache["sign"][0].data_ptr() == p["sign1"].data_ptr()       # the file's plane, read in place
+    if "+lut16" not in ext.features():
+        return
+    w = BinaryLinear.from_packed(p).dequantize().double()
+    want = torch.zeros(2, n, dtype=torch.float64)
+    for t0 in range(0, k, bs):
+        xt = x[:, t0:t0 + bs]
+        m = xt.abs().amax(1, keepdim=True)
+        xq = torch.round(xt * (torch.tensor(8191.0) / m)).double() * (m / torch.tensor(8191.0)).double()
+        want += xq @ w[:, t0:t0 + bs].T                       # Ŵ = μ + α s on the rounded inputs
+    got = cpu.matmul(p, x, {}, mode=cpu.LUT).double()
+    assert _rel(got, want) < 2e-6
+    assert 1e-6 < _rel(got, exact.double()) < 1e-3
+
+
 def test_cpu_kernel_fp16_lanes_fall_back_for_large_x(ext):
     _, lin = _layer("billm", False, 32, 256, 128, seed=2)
     p = lin.packed()

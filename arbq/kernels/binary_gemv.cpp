@@ -256,6 +256,7 @@ inline uint16_t bf16_bits(float x) {
 #include "binary_gemv_avx512.cpp"
 #include "binary_dequant_avx512.cpp"
 #include "binary_gemv_lut_avx512.cpp"
+#include "binary_gemv_sign_avx512.cpp"
 #endif
 
 // ---------------------------------------------------------------- bindings
@@ -419,6 +420,38 @@ torch::Tensor gemv_lut_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_
   return y;
 }
 
+// The sign scheme's lookup (binary_gemv_sign_avx512.cpp) over the binary layout's own tensors: ts = sign1
+// [N, KB] uint8, values [N16, T, V, 16] fp16 / fp32 (rows last), lanes [2] int32 (α, μ; kZeroLane: none).
+SignLut make_sign_lut(const std::vector<torch::Tensor>& ts, int64_t K, int64_t N, int64_t B) {
+  TORCH_CHECK(ts.size() == 3, "arbq: bad sign kernel arguments");
+  for (const auto& t : ts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "arbq: tensors must be contiguous CPU");
+  const auto &s1 = ts[0], &vt = ts[1], &lanes = ts[2];
+  SignLut L{};
+  L.N = N; L.K = K; L.KB = (K + 7) / 8; L.N16 = (N + 15) / 16; L.B = B; L.T = (K + B - 1) / B; L.KD = (L.KB + 3) / 4;
+  TORCH_CHECK(B % 32 == 0, "arbq: the sign lookup needs a block size that is a multiple of 32");
+  TORCH_CHECK(s1.scalar_type() == torch::kUInt8 && s1.dim() == 2 && s1.size(0) == N && s1.size(1) == L.KB,
+              "arbq: sign plane must be uint8 [N, ceil(K/8)]");
+  TORCH_CHECK(vt.dim() == 4 && vt.size(0) == L.N16 && vt.size(1) == L.T && vt.size(3) == 16 && vt.size(2) <= 10 &&
+              (vt.scalar_type() == torch::kHalf || vt.scalar_type() == torch::kFloat), "arbq: sign values must be [N16, T, V, 16] fp16 / fp32");
+  TORCH_CHECK(lanes.scalar_type() == torch::kInt && lanes.numel() == 2, "arbq: sign value lanes must be int32 [2]");
+  L.s1 = s1.data_ptr<uint8_t>(); L.vt = vt.data_ptr(); L.vhalf = vt.scalar_type() == torch::kHalf; L.V = vt.size(2);
+  L.a = lanes.data_ptr<int32_t>()[0]; L.m = lanes.data_ptr<int32_t>()[1];
+  TORCH_CHECK((L.a == kZeroLane || (0 <= L.a && L.a < L.V)) && (L.m == kZeroLane || (0 <= L.m && L.m < L.V)),
+              "arbq: sign value lanes out of range");
+  return L;
+}
+
+// y [M, N] = x [M, K] @ W^T for the sign scheme by table lookup; table_bits 16 (int16 where compiled) or 32.
+torch::Tensor gemv_sign_op(torch::Tensor x, std::vector<torch::Tensor> ts, int64_t N, int64_t B, int64_t table_bits) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2, "x: float32 [M, K]");
+  TORCH_CHECK(table_bits == 16 || table_bits == 32, "arbq: table_bits must be 16 or 32");
+  const int64_t K = x.size(1);
+  const SignLut L = make_sign_lut(ts, K, N, B);
+  auto y = torch::empty({x.size(0), N}, torch::kFloat);
+  for (int64_t m = 0; m < x.size(0); ++m) gemv_sign(L, x.data_ptr<float>() + m * K, y.data_ptr<float>() + m * N, table_bits == 16);
+  return y;
+}
+
 // Ŵᵀ of row groups g0:g1 into out (float32 or bfloat16 [K, 16 (g1 - g0)], contiguous): dequant_lut_rows.
 torch::Tensor dequant_lut_op(std::vector<torch::Tensor> ts, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
                              int64_t g0, int64_t g1, torch::Tensor out) {
@@ -467,29 +500,32 @@ std::string features() {
 
 // BinaryLinear's batch-1 fast path: one layer's decode GEMV bound once (tensors checked and the Lut / Layer built
 // at binding), so a call costs the kernel plus about a microsecond, where the general Python path costs ~10 µs,
-// more than the kernel itself at 576-wide shapes. table_bits 16 / 32: the lookup GEMV (gemv_lut_op); 0: the
-// masked-add GEMV in lane mode `mode` (gemv). call(x) returns None whenever the binding may be stale or does not
+// more than the kernel itself at 576-wide shapes. kind 1: the lookup GEMV (gemv_lut_op), 2: the sign scheme's
+// lookup (gemv_sign_op), both with table_bits 16 / 32; 0: the masked-add GEMV in lane mode `mode` (gemv). call(x) returns None whenever the binding may be stale or does not
 // apply, and the caller takes its general path: a watched tensor changed in place (its version counter), a watched
 // environment variable differs from its value at binding, or x is not [..., K] float32 / bfloat16 / float16 on
 // the CPU with 1 .. max_rows rows. Else y [..., N] = fp32(x) @ W^T rounded to x's dtype, plus the bias in x's
 // dtype: the general path's operations in its order, so the same bits.
 class DecodeCall {
  public:
-  DecodeCall(std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t N, int64_t B, std::vector<bool> flags,
-             int64_t table_bits, int64_t mode, std::optional<torch::Tensor> bias, std::vector<torch::Tensor> watch,
-             std::vector<std::string> env, int64_t max_rows)
-      : ts_(std::move(ts)), watch_(std::move(watch)), K_(K), N_(N), max_rows_(max_rows), table_bits_(table_bits) {
-    TORCH_CHECK(table_bits == 0 || table_bits == 16 || table_bits == 32, "arbq: table_bits must be 0, 16 or 32");
+  DecodeCall(int64_t kind, std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t N, int64_t B,
+             std::vector<bool> flags, int64_t table_bits, int64_t mode, std::optional<torch::Tensor> bias,
+             std::vector<torch::Tensor> watch, std::vector<std::string> env, int64_t max_rows)
+      : ts_(std::move(ts)), watch_(std::move(watch)), K_(K), N_(N), max_rows_(max_rows), kind_(kind),
+        table_bits_(table_bits) {
+    TORCH_CHECK(0 <= kind && kind <= 2 && (kind == 0 || table_bits == 16 || table_bits == 32),
+                "arbq: kind must be 0 (masked adds), 1 (lookup) or 2 (sign lookup, table_bits 16 or 32)");
     if (bias) bias_ = *bias;
     for (const auto& t : watch_) versions_.push_back(t._version());
     for (auto& name : env) {
       const char* v = std::getenv(name.c_str());
       env_.push_back({std::move(name), v != nullptr, v ? v : ""});
     }
-    if (table_bits > 0) {
+    if (kind > 0) {
 #if ARBQ_AVX512
-      lut_ = make_lut(ts_, K, N, B, flags);
-      i16_ = ARBQ_LUT16 && table_bits == 16 && B % 8 == 0;
+      if (kind == 1) lut_ = make_lut(ts_, K, N, B, flags);
+      else sign_ = make_sign_lut(ts_, K, N, B);
+      i16_ = ARBQ_LUT16 && table_bits == 16 && (kind == 2 || B % 8 == 0);
 #else
       TORCH_CHECK(false, "arbq: this build has no lookup kernel");
 #endif
@@ -532,9 +568,10 @@ class DecodeCall {
   struct Env { std::string name; bool set; std::string value; };
 
   void row(const float* x, float* y) const {
-    if (table_bits_ > 0) {
+    if (kind_ > 0) {
 #if ARBQ_AVX512
-      gemv_lut(lut_, x, K_, N_, y, i16_);
+      if (kind_ == 1) gemv_lut(lut_, x, K_, N_, y, i16_);
+      else gemv_sign(sign_, x, y, i16_);
 #endif
       return;
     }
@@ -548,11 +585,12 @@ class DecodeCall {
   std::vector<int64_t> versions_;
   std::vector<Env> env_;
   torch::Tensor bias_;
-  int64_t K_, N_, max_rows_, table_bits_, mode_ = 0;
+  int64_t K_, N_, max_rows_, kind_, table_bits_, mode_ = 0;
   bool i16_ = false, vec_ = false;
   Layer layer_{};
 #if ARBQ_AVX512
   Lut lut_{};
+  SignLut sign_{};
 #endif
   std::vector<int32_t> cidx_;
 };
@@ -564,13 +602,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "rows r0:r1 of W as float32 or bfloat16 (into out)");
 #if ARBQ_AVX512
   m.def("gemv_lut", &gemv_lut_op, "y = x @ W^T by table lookup over the kernel layout (x rows looped)");
+  m.def("gemv_sign", &gemv_sign_op, "y = x @ W^T for the sign scheme by table lookup over its own sign plane");
   m.def("dequant_lut", &dequant_lut_op, "W^T of row groups g0:g1 from the kernel layout as float32 or bfloat16 (into out)");
 #endif
   m.def("nm_expand", &nm_expand, "binary_nm: a compact plane expanded by the keep plane (pruned bits 0)");
   pybind11::class_<DecodeCall>(m, "DecodeCall", "one layer's batch-1 GEMV bound once: call(x) -> y or None")
-      .def(pybind11::init<std::vector<torch::Tensor>, double, int64_t, int64_t, int64_t, std::vector<bool>, int64_t,
-                          int64_t, std::optional<torch::Tensor>, std::vector<torch::Tensor>, std::vector<std::string>,
-                          int64_t>())
+      .def(pybind11::init<int64_t, std::vector<torch::Tensor>, double, int64_t, int64_t, int64_t, std::vector<bool>,
+                          int64_t, int64_t, std::optional<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<std::string>, int64_t>())
       .def("__call__", &DecodeCall::operator());
   m.def("features", &features, "compiled paths: scalar | avx512 | avx512+fp16");
 }

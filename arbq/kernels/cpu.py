@@ -43,8 +43,9 @@ PANEL_BYTES = 16 << 20      # bf16 prefill: Ŵ rows per panel = PANEL_BYTES / (2
 KERNEL_SLOTS = (("alpha", 0, 0, 0), ("alpha", 0, 1, 0), ("alpha", 1, 0, 0), ("alpha", 1, 1, 0),
                 ("alpha", 1, 0, 1), ("alpha", 1, 1, 1), ("mu", 0, 0), ("mu", 0, 1), ("mu", 1, 0), ("mu", 1, 1))
 ZERO_LANE = 15
-# ARBQ_CPU_LANES: the batch-1 GEMV. lut (default): table lookup, rows in lanes (grouped schemes; others use
-# fp32 lanes) with int16 tables where the CPU has AVX512-VNNI and VBMI and the block size is a multiple of 8:
+# ARBQ_CPU_LANES: the batch-1 GEMV. lut (default): table lookup, rows in lanes (grouped schemes, and the sign
+# scheme with block size a multiple of 32: 4-column subset sums, int16 steps max |x| / 8191; others use fp32
+# lanes) with int16 tables where the CPU has AVX512-VNNI and VBMI and the block size is a multiple of 8:
 # the inputs are rounded to 15 bits per block (max |c x| / 16383 steps; ~5e-5 of max |y| for Gaussian x, ~3e-4
 # with 50x outliers), the sums are exact; else fp32 tables. lut32: fp32 tables, matches the torch backend to
 # ~1e-6. fp32: masked adds along K; fp16 (AVX512-FP16 CPUs): masked adds in fp16 lanes, ~1e-3 relative error per
@@ -281,16 +282,48 @@ def _matmul_lut(p: PackedLinear, x: torch.Tensor, cache: dict, dtype: torch.dtyp
     return y
 
 
-def _gemv_args(p: PackedLinear, cache: dict, mode: int) -> tuple[list, float, list, int]:
-    """The batch-1 GEMV of this layer in lane mode `mode`: (tensors, vscale, flags, table_bits), table_bits 16 or
-    32 for the lookup GEMV (gemv_lut), 0 for the masked-add GEMV (gemv, which also takes `mode`)."""
+GEMV_KINDS = {"gemv": 0, "gemv_lut": 1, "gemv_sign": 2}     # the kernel's batch-1 ops (DecodeCall's `kind`)
+
+
+def _gemv_args(p: PackedLinear, cache: dict, mode: int) -> tuple[str, list, float, list, int]:
+    """The batch-1 GEMV of this layer in lane mode `mode`: (op, tensors, vscale, flags, table_bits) with op a
+    GEMV_KINDS name: gemv_lut (the lookup of grouped schemes) or gemv_sign (the sign scheme's lookup) with
+    table_bits 16 or 32, or gemv (masked adds, which also takes `mode`) with table_bits 0."""
     if p.spec.layout in OWN_LUT or (mode in TABLE_BITS and ("lut" in cache or lut_supported(p))):
         c = _lut(p, cache)
-        return c["tensors"], 1.0, c["flags"], TABLE_BITS.get(mode, 32)
+        return "gemv_lut", c["tensors"], 1.0, c["flags"], TABLE_BITS.get(mode, 32)
+    if mode in TABLE_BITS and ("sign" in cache or sign_supported(p)):
+        if "sign" not in cache:
+            cache["sign"] = prepare_sign(p)
+        return "gemv_sign", cache["sign"], 1.0, [], TABLE_BITS.get(mode, 32)
     if NAME not in cache:
         cache[NAME] = prepare(p)
     c = cache[NAME]
-    return c["tensors"], c["vscale"], c["flags"], 0
+    return "gemv", c["tensors"], c["vscale"], c["flags"], 0
+
+
+def sign_supported(p: PackedLinear) -> bool:
+    """Whether the sign scheme's lookup (gemv_sign) runs this layer: the binary layout of a scheme with neither
+    group bits, salient columns nor column scales (sign), block size a multiple of 32."""
+    sc = p.spec.scheme
+    return (p.spec.layout == "binary" and not (sc.group or sc.salient or sc.rc) and p.spec.blocksize % 32 == 0
+            and hasattr(extension(), "gemv_sign"))
+
+
+def prepare_sign(p: PackedLinear) -> list[torch.Tensor]:
+    """gemv_sign's tensors: the layer's own sign plane [N, ⌈K/8⌉] (read in place), its values [N, T, V] with
+    rows last, padded to whole row groups [N16, T, V, 16] (fp16 kept, else fp32 with values_scale applied; a
+    copy of 2 values per row and block), and the value lanes of α and μ (int32 [2])."""
+    spec = p.spec
+    keep16 = p["values"].dtype == torch.float16 and "values_scale" not in p.tensors
+    v = p["values"] if keep16 else decode_scales(p.tensors, "values")
+    rows = lut.LANES * -(-spec.out_features // lut.LANES)
+    v = torch.cat([v, v.new_zeros(rows - v.shape[0], *v.shape[1:])]) if rows > v.shape[0] else v
+    vt = v.reshape(rows // lut.LANES, lut.LANES, *v.shape[1:]).permute(0, 2, 3, 1).contiguous()
+    pos = slot_positions(spec.scheme, ZERO_LANE)
+    lanes = torch.tensor([pos[KERNEL_SLOTS.index(("alpha", 0, 0, 0))], pos[KERNEL_SLOTS.index(("mu", 0, 0))]],
+                         dtype=torch.int32)
+    return [p["sign1"].contiguous(), vt, lanes]
 
 
 def bind(p: PackedLinear, x: torch.Tensor, cache: dict, bias: torch.Tensor | None, watch: list[torch.Tensor],
@@ -304,9 +337,9 @@ def bind(p: PackedLinear, x: torch.Tensor, cache: dict, bias: torch.Tensor | Non
     if ext is None or not hasattr(ext, "DecodeCall") or x.reshape(-1, p.spec.in_features).shape[0] >= BATCH_TILE:
         return None
     mode = _mode()
-    tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
-    return ext.DecodeCall(tensors, vscale, p.spec.in_features, p.spec.out_features, p.spec.blocksize, flags,
-                          table_bits, mode, bias, watch, [*ENV, *env], BATCH_TILE - 1)
+    op, tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
+    return ext.DecodeCall(GEMV_KINDS[op], tensors, vscale, p.spec.in_features, p.spec.out_features,
+                          p.spec.blocksize, flags, table_bits, mode, bias, watch, [*ENV, *env], BATCH_TILE - 1)
 
 
 def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = None) -> torch.Tensor:
@@ -324,9 +357,11 @@ def matmul(p: PackedLinear, x: torch.Tensor, cache: dict, mode: int | None = Non
     x = x.float().contiguous()
     is_lut = p.spec.layout in OWN_LUT
     if x.shape[0] < BATCH_TILE:
-        tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
-        if table_bits:
+        op, tensors, vscale, flags, table_bits = _gemv_args(p, cache, mode)
+        if op == "gemv_lut":
             return ext.gemv_lut(x, tensors, p.spec.out_features, p.spec.blocksize, flags, table_bits)
+        if op == "gemv_sign":
+            return ext.gemv_sign(x, tensors, p.spec.out_features, p.spec.blocksize, table_bits)
         return ext.gemv(x, tensors, vscale, p.spec.blocksize, flags, mode)
     n, k = p.spec.out_features, p.spec.in_features
     if is_lut:
