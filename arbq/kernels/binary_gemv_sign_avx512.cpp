@@ -69,19 +69,19 @@ void sign_tile(const SignLut& L, const void* tables, const float* steps, const f
   for (int64_t t = 0; t < L.T; ++t) {
     const int64_t d0 = t * dpb, d1 = std::min(d0 + dpb, L.KD);
     __m512 S[R];
-    if constexpr (I16) {
+    __m512i Si[R];      // int16 tables: exact integer sums
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) { S[r] = _mm512_setzero_ps(); Si[r] = _mm512_setzero_si512(); }
+    for (int64_t d = d0; d < d1; ++d) {
+      __m512i g[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) g[r] = sign_dwords(L, rw[r], d);
+      if constexpr (I16) {
 #if ARBQ_LUT16
-      __m512i Si[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) Si[r] = _mm512_setzero_si512();
-      const int16_t* tab = static_cast<const int16_t*>(tables);
-      for (int64_t d = d0; d < d1; ++d) {
-        __m512i g[R];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) g[r] = sign_dwords(L, rw[r], d);
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
-          const __m512i tb = _mm512_load_si512(tab + 32 * (4 * d + c)), pc = _mm512_load_si512(pick.b[c]);
+          const __m512i tb = _mm512_load_si512(static_cast<const int16_t*>(tables) + 32 * (4 * d + c));
+          const __m512i pc = _mm512_load_si512(pick.b[c]);
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) {
             const __m512i w = _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(0x5555555555555555ull, pc, g[r]), shifts);
@@ -89,26 +89,20 @@ void sign_tile(const SignLut& L, const void* tables, const float* steps, const f
             Si[r] = _mm512_dpwssd_epi32(Si[r], _mm512_permutexvar_epi16(idx, tb), ones);
           }
         }
-      }
-      const __m512 st = _mm512_set1_ps(steps[t]);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) S[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(Si[r]), st);
 #endif
-    } else {
-      const float* tab = static_cast<const float*>(tables);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) S[r] = _mm512_setzero_ps();
-      for (int64_t d = d0; d < d1; ++d) {
-        __m512i g[R];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) g[r] = sign_dwords(L, rw[r], d);
+      } else {
 #pragma GCC unroll 8
         for (int k = 0; k < 8; ++k) {
-          const __m512 tb = _mm512_load_ps(tab + 16 * (8 * d + k));
+          const __m512 tb = _mm512_load_ps(static_cast<const float*>(tables) + 16 * (8 * d + k));
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) S[r] = _mm512_add_ps(S[r], _mm512_permutexvar_ps(_mm512_srli_epi32(g[r], 4 * k), tb));
         }
       }
+    }
+    if constexpr (I16) {
+      const __m512 st = _mm512_set1_ps(steps[t]);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) S[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(Si[r]), st);
     }
     const __m512 xt = _mm512_set1_ps(xblk[t]);
 #pragma GCC unroll 4
