@@ -222,3 +222,22 @@ def test_decode_calls_run_bound_and_give_the_general_paths_bits(ext, monkeypatch
     lin.backend = None
     lin.bias.mul_(2)                                                           # a buffer changed in place
     assert _rel(lin(x), kernels.backend("torch").matmul(lin.packed(), x, {}) + lin.bias) < 1e-5
+
+
+def test_module_built_in_inference_mode(ext, monkeypatch):
+    """Buffers created under torch.inference_mode keep no version counter: the module still runs (bound decode
+    calls and the general path), and load_state_dict, in place under inference mode, still reaches the output."""
+    monkeypatch.setenv("ARBQ_KERNEL", "cpu")
+    other = pack_linear(random_result(24, 96, "rc", True, 32, seed=9), scheme_for("rc", True), "fp32")
+    with torch.inference_mode():
+        _, lin = _layer("rc", True, 24, 96, 32, bias=True)
+        lin.backend = None
+        assert lin.sign1.is_inference()
+        x = torch.randn(1, 96)
+        for xb in (x, torch.randn(9, 96)):
+            assert _rel(lin(xb), xb @ lin.dequantize().T + lin.bias) < 1e-3
+        assert lin._fast is not None and torch.equal(lin(x), lin._forward(x))
+        before = lin(x)
+        lin.load_state_dict({**other.tensors, "bias": lin.bias.clone()})
+        want = x @ lin.dequantize().T + lin.bias
+        assert _rel(lin(x), want) < 1e-3 and _rel(before, want) > 0.1

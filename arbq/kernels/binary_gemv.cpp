@@ -516,7 +516,8 @@ class DecodeCall {
     TORCH_CHECK(0 <= kind && kind <= 2 && (kind == 0 || table_bits == 16 || table_bits == 32),
                 "arbq: kind must be 0 (masked adds), 1 (lookup) or 2 (sign lookup, table_bits 16 or 32)");
     if (bias) bias_ = *bias;
-    for (const auto& t : watch_) versions_.push_back(t._version());
+    // inference-mode tensors keep no version counter (-1: not checked; BinaryLinear unbinds on load_state_dict)
+    for (const auto& t : watch_) versions_.push_back(t.is_inference() ? -1 : t._version());
     for (auto& name : env) {
       const char* v = std::getenv(name.c_str());
       env_.push_back({std::move(name), v != nullptr, v ? v : ""});
@@ -546,7 +547,7 @@ class DecodeCall {
     const int64_t M = x.numel() / K_;
     if (M < 1 || M > max_rows_) return std::nullopt;
     for (size_t i = 0; i < watch_.size(); ++i)
-      if (watch_[i]._version() != versions_[i]) return std::nullopt;
+      if (versions_[i] >= 0 && watch_[i]._version() != versions_[i]) return std::nullopt;
     for (const auto& e : env_) {
       const char* v = std::getenv(e.name.c_str());
       if ((v != nullptr) != e.set || (v != nullptr && e.value != v)) return std::nullopt;

@@ -42,6 +42,10 @@ class BinaryLinear(nn.Module):
     def backend(self, name: str | None) -> None:
         self._backend, self._fast = name, None
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache_key, self._cache, self._fast = (), {}, None      # in place, maybe without a version bump
+
     def __getstate__(self) -> dict:
         # what the kernels derived (tables, the backend module, a bound call) is rebuilt, not copied or pickled
         return {**self.__dict__, "_fast": None, "_cache_key": (), "_cache": {}}
@@ -61,8 +65,10 @@ class BinaryLinear(nn.Module):
         return PackedLinear(self.spec, {name: getattr(self, name) for name in self.spec.tensor_shapes()})
 
     def kernel_cache(self) -> dict:
-        """A dict for backend-derived tensors, reset whenever a buffer is replaced, moved or changed in place."""
-        key = tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
+        """A dict for backend-derived tensors, reset whenever a buffer is replaced, moved or changed in place
+        (inference-mode tensors keep no version counter: for them, by load_state_dict)."""
+        key = tuple((b.data_ptr(), -1 if b.is_inference() else b._version)
+                    for b in self._buffers.values() if b is not None)
         if key != self._cache_key:
             self._cache_key, self._cache = key, {}
         return self._cache
@@ -94,7 +100,8 @@ class BinaryLinear(nn.Module):
             env = [] if self.backend else [kernels.ENV]
             watch = [b for b in self._buffers.values() if b is not None]
             call = mod.bind(p, x, cache, self.bias, watch, env)
-            self._fast = None if call is None else (tuple(map(id, self._buffers.values())), call)
+            if call is not None:          # (a prefill call keeps the decode binding: it checks itself)
+                self._fast = (tuple(map(id, self._buffers.values())), call)
         return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
