@@ -501,8 +501,8 @@ std::string features() {
 // BinaryLinear's batch-1 fast path: one layer's decode GEMV bound once (tensors checked and the Lut / Layer built
 // at binding), so a call costs the kernel plus about a microsecond, where the general Python path costs ~10 µs,
 // more than the kernel itself at 576-wide shapes. kind 1: the lookup GEMV (gemv_lut_op), 2: the sign scheme's
-// lookup (gemv_sign_op), both with table_bits 16 / 32; 0: the masked-add GEMV in lane mode `mode` (gemv). call(x) returns None whenever the binding may be stale or does not
-// apply, and the caller takes its general path: a watched tensor changed in place (its version counter), a watched
+// lookup (gemv_sign_op), both with table_bits 16 / 32; 0: the masked-add GEMV in lane mode `mode` (gemv).
+// call(x) returns None whenever the binding may be stale or does not apply, and the caller takes its general path: a watched tensor changed in place (its version counter), a watched
 // environment variable differs from its value at binding, or x is not [..., K] float32 / bfloat16 / float16 on
 // the CPU with 1 .. max_rows rows. Else y [..., N] = fp32(x) @ W^T rounded to x's dtype, plus the bias in x's
 // dtype: the general path's operations in its order, so the same bits.
@@ -511,8 +511,7 @@ class DecodeCall {
   DecodeCall(int64_t kind, std::vector<torch::Tensor> ts, double vscale, int64_t K, int64_t N, int64_t B,
              std::vector<bool> flags, int64_t table_bits, int64_t mode, std::optional<torch::Tensor> bias,
              std::vector<torch::Tensor> watch, std::vector<std::string> env, int64_t max_rows)
-      : ts_(std::move(ts)), watch_(std::move(watch)), K_(K), N_(N), max_rows_(max_rows), kind_(kind),
-        table_bits_(table_bits) {
+      : ts_(std::move(ts)), watch_(std::move(watch)), K_(K), N_(N), max_rows_(max_rows), kind_(kind) {
     TORCH_CHECK(0 <= kind && kind <= 2 && (kind == 0 || table_bits == 16 || table_bits == 32),
                 "arbq: kind must be 0 (masked adds), 1 (lookup) or 2 (sign lookup, table_bits 16 or 32)");
     if (bias) bias_ = *bias;
@@ -586,7 +585,7 @@ class DecodeCall {
   std::vector<int64_t> versions_;
   std::vector<Env> env_;
   torch::Tensor bias_;
-  int64_t K_, N_, max_rows_, kind_, table_bits_, mode_ = 0;
+  int64_t K_, N_, max_rows_, kind_, mode_ = 0;
   bool i16_ = false, vec_ = false;
   Layer layer_{};
 #if ARBQ_AVX512

@@ -164,14 +164,21 @@ def prepare_lut(p: PackedLinear) -> dict:
     sidx = unpack_bits(q["salient"], k).nonzero()[:, 0]
     counts = torch.bincount(sidx // bs, minlength=spec.n_blocks)
     soff = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    keep16 = q["values"].dtype == torch.float16 and "values_scale" not in q.tensors
-    vt = q["values"] if keep16 else decode_scales(q.tensors, "values")
+    vt = _kernel_values(q)
     pos = torch.tensor(slot_positions(sc, ZERO_LANE), dtype=torch.int32)
     cs = full_col_scale(q).reshape(4, k).contiguous() if sc.rc else torch.zeros(0)
     tensors = [q["codes"], q["sign2"], sidx.to(torch.int32), soff.to(torch.int32), vt.contiguous(), pos, cs]
     if layout == "binary_nm_lut":
         tensors.append(p[KEEP])
     return dict(tensors=tensors, flags=[sc.rc, sc.cgb])
+
+
+def _kernel_values(p: PackedLinear) -> torch.Tensor:
+    """The layer's values as the lookup kernels read them: fp16 as stored, any other dtype (or fp8 with its
+    values_scale) decoded to fp32."""
+    if p["values"].dtype == torch.float16 and "values_scale" not in p.tensors:
+        return p["values"]
+    return decode_scales(p.tensors, "values")
 
 
 def _nm_expander(spec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -211,7 +218,7 @@ def _mode() -> int:
 def dequantize(p: PackedLinear, cache: dict, r0: int, r1: int, mode: int | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows r0:r1 of Ŵ, fp32 [r1 - r0, K] (or bf16 into a bf16 `out`), by the kernel (mode 0: its scalar
-    code), into `out` if given. binary_lut: from dequantize_lut_t's columns (mode ignored)."""
+    code), into `out` if given. binary_lut, binary_nm_lut: from dequantize_lut_t's columns (mode ignored)."""
     if p.spec.layout in OWN_LUT:
         g0, g1 = r0 // lut.LANES, -(-r1 // lut.LANES)
         dt = torch.float32 if out is None else out.dtype
@@ -315,11 +322,7 @@ def prepare_sign(p: PackedLinear) -> list[torch.Tensor]:
     rows last, padded to whole row groups [N16, T, V, 16] (fp16 kept, else fp32 with values_scale applied; a
     copy of 2 values per row and block), and the value lanes of α and μ (int32 [2])."""
     spec = p.spec
-    keep16 = p["values"].dtype == torch.float16 and "values_scale" not in p.tensors
-    v = p["values"] if keep16 else decode_scales(p.tensors, "values")
-    rows = lut.LANES * -(-spec.out_features // lut.LANES)
-    v = torch.cat([v, v.new_zeros(rows - v.shape[0], *v.shape[1:])]) if rows > v.shape[0] else v
-    vt = v.reshape(rows // lut.LANES, lut.LANES, *v.shape[1:]).permute(0, 2, 3, 1).contiguous()
+    vt = lut.rows_last(_kernel_values(p), -(-spec.out_features // lut.LANES)).contiguous()
     pos = slot_positions(spec.scheme, ZERO_LANE)
     lanes = torch.tensor([pos[KERNEL_SLOTS.index(("alpha", 0, 0, 0))], pos[KERNEL_SLOTS.index(("mu", 0, 0))]],
                          dtype=torch.int32)

@@ -99,8 +99,15 @@ class LutSpec(BinaryBased):
         return "layout=binary_lut, " + self.binary.describe().removeprefix("layout=binary, ")
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t [n, ...] with zero rows appended up to `rows`."""
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+
+def rows_last(values: torch.Tensor, row_groups: int) -> torch.Tensor:
+    """Row values [N, T, V] -> [row_groups, T, V, 16] (rows past N: 0): row 16G + r at (G, :, :, r)."""
+    v = pad_rows(values, LANES * row_groups)
+    return v.reshape(row_groups, LANES, *v.shape[1:]).permute(0, 2, 3, 1)
 
 
 def _row_words(bits: torch.Tensor) -> torch.Tensor:
@@ -142,13 +149,12 @@ def from_binary(p: PackedLinear, where: str = "linear") -> PackedLinear:
     """A "binary" PackedLinear rearranged into "binary_lut" (same bits; rows padded to a multiple of 16)."""
     spec = LutSpec.of(p.spec, where)
     k, s, rows = spec.in_features, spec.n_salient, LANES * spec.row_groups
-    sign1 = _pad_rows(unpack_bits(p["sign1"], k), rows)
-    group = _pad_rows(unpack_bits(p["group"], k), rows)
+    sign1 = pad_rows(unpack_bits(p["sign1"], k), rows)
+    group = pad_rows(unpack_bits(p["group"], k), rows)
     out = {"codes": codes_of(sign1, group)}
     out.update({name: t for name, t in p.tensors.items() if name in SHARED})
-    out["sign2"] = _row_words(_pad_rows(unpack_bits(p["sign2"], s), rows))
-    vals = _pad_rows(p["values"], rows)                                    # [rows, T, V]
-    out["values"] = vals.reshape(spec.row_groups, LANES, *vals.shape[1:]).permute(0, 2, 3, 1)
+    out["sign2"] = _row_words(pad_rows(unpack_bits(p["sign2"], s), rows))
+    out["values"] = rows_last(p["values"], spec.row_groups)
     return PackedLinear(spec, {name: t.contiguous() for name, t in out.items()})
 
 

@@ -103,9 +103,7 @@ class NMLutSpec(BinaryBased):
 def keep_bytes(keep: torch.Tensor, row_groups: int) -> torch.Tensor:
     """The occupancy plane uint8 [N, ⌈K/8⌉] -> uint8 [row_groups, ⌈K/8⌉, 16] (rows past N: 0): byte (G, b, r) =
     columns 8b..8b+7 of row 16G + r."""
-    rows = LANES * row_groups
-    pad = torch.cat([keep, keep.new_zeros(rows - keep.shape[0], keep.shape[1])]) if rows > keep.shape[0] else keep
-    return pad.reshape(row_groups, LANES, -1).transpose(1, 2).contiguous()
+    return lut.pad_rows(keep, LANES * row_groups).reshape(row_groups, LANES, -1).transpose(1, 2).contiguous()
 
 
 def keep_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
