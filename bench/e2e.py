@@ -61,9 +61,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# one per layout the methods write: binary (rc+cgb, billm, x+cgb, sign), binary_lut (NAME/lut: `arbq pack
-# --interleave`), binary_nm (pbs2p 6:8 = rc+cgb on 6 of every 8 weights)
-METHODS = ("rc+cgb", "rc+cgb/lut", "billm", "x+cgb", "sign", "pbs2p-6of8")
+# one per layout the methods write: binary (rc+cgb, billm, x+cgb, sign), binary_lut and binary_nm_lut (NAME/lut:
+# `arbq pack --interleave`), binary_nm (pbs2p 6:8 = rc+cgb on 6 of every 8 weights)
+METHODS = ("rc+cgb", "rc+cgb/lut", "billm", "x+cgb", "sign", "pbs2p-6of8", "pbs2p-6of8/lut")
 LLAMA_7B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
 SYNTH = "e2e_synthetic.json"      # the synthetic checkpoint's parameters (the cache key)
 RESULT_TAG = "E2E-RESULT "        # the child's result line on stdout

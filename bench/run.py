@@ -57,7 +57,7 @@ PAPER = {"nsamples": 128, "seqlen": 2048}
 
 
 # table 4 besides rc+cgb: the BiLLM layout and the N:M layouts (pbs2p and stbllm write the same binary_nm layout)
-KERNEL_METHODS = "rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8,pbs2p-5of8,pbs2p-4of8"
+KERNEL_METHODS = "rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8,pbs2p-6of8/lut,pbs2p-5of8,pbs2p-4of8"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
@@ -93,14 +93,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--kernel-repeats", type=int, help="kernel timing repeats (default 21)")
     a("--kernel-methods", default=KERNEL_METHODS, help="methods timed besides rc+cgb in table 4 (comma list; "
       "'' = none; N:M methods such as pbs2p-6of8 time their binary_nm layout, which stbllm shares; "
-      "NAME/lut the binary_lut layout of `arbq pack --interleave`)")
+      "NAME/lut the binary_lut / binary_nm_lut layout of `arbq pack --interleave`)")
     a("--kernel-clock", choices=("wall", "thread"), default="wall", help="CPU kernel clock (thread needs 1 thread)")
     a("--new-tokens", type=int, help="decode: new tokens (default 32)")
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
     a("--skip-e2e", action="store_true", help="skip the end-to-end table on the synthetic 4096-class model (table 5)")
     a("--e2e-layers", type=int, help="table 5: decoder layers of the synthetic Llama (default 2; quick 1)")
-    a("--e2e-methods", default="rc+cgb,rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8",
-      help="table 5: packed layouts (comma list; NAME/lut = NAME's layout interleaved, binary_lut)")
+    a("--e2e-methods", default="rc+cgb,rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8,pbs2p-6of8/lut",
+      help="table 5: packed layouts (comma list; NAME/lut = NAME's layout interleaved: binary_lut, "
+      "binary_nm_lut)")
     a("--e2e-packed-dtypes", default="fp32,bf16", help="table 5: dtypes the packed models are loaded in")
     a("--e2e-repeats", type=int, help="table 5: timed runs per variant (default 3)")
     a("--e2e-new-tokens", type=int, help="table 5: new tokens (default 16)")

@@ -51,7 +51,8 @@ LAYOUTS = {"rc+cgb": ("binary", (True, True, True, True), "rc+cgb"),
            "billm": ("binary", (False, True, True, False), "billm"),
            "x+cgb": ("binary", (False, True, True, True), "x+cgb"),
            "sign": ("binary", (False, False, False, False), "sign"),
-           "pbs2p-6of8": ("binary_nm", (True, True, True, True), "pbs2p-6:8+cgb")}
+           "pbs2p-6of8": ("binary_nm", (True, True, True, True), "pbs2p-6:8+cgb"),
+           "pbs2p-6of8/lut": ("binary_nm_lut", (True, True, True, True), "pbs2p-6:8+cgb")}
 
 
 @pytest.mark.parametrize("method", list(LAYOUTS))
@@ -73,9 +74,9 @@ def test_packed_dir_holds_the_bits_it_claims(tiny, tmp_path, method):
     for j, name in enumerate(names):
         mod = mods[name]
         assert mod.spec.layout == layout and packed.config.quantization_config["modules"][name]["method"] == label
-        sc = mod.spec.binary.scheme if layout == "binary_nm" else mod.spec.scheme
+        sc = mod.spec.scheme
         assert (sc.rc, sc.salient, sc.group, sc.cgb) == flags
-        if layout == "binary_nm":
+        if layout.startswith("binary_nm"):
             assert (mod.spec.n, mod.spec.m) == (6, 8)
         w = mod.dequantize()
         # the file holds exactly the random linear it was made from
