@@ -1,19 +1,23 @@
 // Table-lookup GEMV for the sign scheme (ŵ = μ + α s per row and block), read from the "binary" layout's own
 // sign plane [N, KB] in place (no load-time copy), #included by binary_gemv.cpp inside `#if ARBQ_AVX512`, after
 // binary_gemv_lut_avx512.cpp (subset_tables). Rows are the vector lanes: 16 rows per row group, R row groups per
-// tile share every table load. One masked gather loads 4 bytes (32 columns) of each of 16 rows; per quad of 4
+// tile share every table load. Each row group reads its 16 rows 64 bytes (512 columns) at a time and transposes
+// the 16 × 16 dwords in registers (sign_chunk), so vector d holds dword d (32 columns) of all 16 rows; the same
+// bytes of the next tile's rows are prefetched into L2 as it goes (the rows are 64 short strided streams, which
+// the hardware prefetchers do not follow: measured 1.6-1.75x faster cold than without, and 1.5x faster hot than
+// one masked gather per dword, at 11008 x 4096 on an AMD EPYC); per quad of 4
 // columns the 4 sign bits u (1 = +1) index a 16-entry table of subset sums P[u] = Σ_{i∈u} x_{4q+i}, so over block t
 //   Σ_j s_j x_j = 2 S_t − X_t   (S_t = Σ of the block's P lookups, X_t = Σ_{j∈t} x_j),
 //   y_r += α_{r,t} (2 S_t − X_t) + μ_{r,t} X_t.
 // int16 tables (ARBQ_LUT16): x is rounded per block to q = rint(x / s_t), s_t = max_{j∈t} |x_j| / 8191 (a 4-column
 // sum fits int16), P and X_t = s_t Σ q from the same q, so the product is exact for the rounded inputs; vpermb
-// puts byte c of the 16 gathered dwords into words 2r, 2r+1 (row r's low and high nibble), vpermw looks the 32
+// puts byte c of the 16 rows' dwords into words 2r, 2r+1 (row r's low and high nibble), vpermw looks the 32
 // words up in the octet's table [P(quad 2o) | P(quad 2o+1)] and vpdpwssd adds both into row r's int32 lane.
 // fp32 tables: vpermps on each quad's 16 entries (it reads the low 4 bits of the shifted dword).
-// Block size a multiple of 32 (whole gathers per block); columns past K have zero table entries.
+// Block size a multiple of 32 (whole dwords per block); columns past K have zero table entries.
 
 struct SignLut {
-  int64_t N, K, KB, N16, T, B, V, KD;   // KD = ceil(KB / 4) gathered dwords per row
+  int64_t N, K, KB, N16, T, B, V, KD;   // KD = ceil(KB / 4) dwords per row
   const uint8_t* s1;                    // [N, KB] sign plane, LSB first (bit 1 = +1)
   const void* vt;                       // [N16, T, V, 16] values, rows last (fp16 or fp32, vscale applied)
   bool vhalf;
@@ -28,35 +32,62 @@ inline __m512 sign_val(const SignLut& L, int64_t rg, int64_t t, int lane) {
   return _mm512_loadu_ps(static_cast<const float*>(L.vt) + off);
 }
 
-// Rows 16 rg .. 16 rg + 15 of the sign plane: a gather's byte offsets (row r at r KB), base pointer and lanes.
+// Rows 16 rg .. 16 rg + 15 of the sign plane: base pointer and row count.
 struct SignRows {
-  __m512i off;
   const uint8_t* base;
-  __mmask16 valid;
   int64_t rows;
 };
 
 inline SignRows sign_rows(const SignLut& L, int64_t rg) {
-  const int64_t i0 = 16 * rg, rows = std::max<int64_t>(0, std::min<int64_t>(16, L.N - i0));
-  return {_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                             _mm512_set1_epi32(static_cast<int>(L.KB))),
-          L.s1 + std::min(i0, L.N) * L.KB, static_cast<__mmask16>((1u << rows) - 1), rows};
+  const int64_t i0 = 16 * rg;
+  return {L.s1 + std::min(i0, L.N) * L.KB, std::max<int64_t>(0, std::min<int64_t>(16, L.N - i0))};
 }
 
-// Dword d (bytes 4d..4d+3) of 16 rows; rows past N read 0, the bytes of a last partial dword are copied one
-// by one (never read beyond a row's last byte, so never beyond the plane).
-inline __m512i sign_dwords(const SignLut& L, const SignRows& w, int64_t d) {
-  if (4 * d + 4 <= L.KB) [[likely]]
-    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), w.valid, w.off, w.base + 4 * d, 1);
-  alignas(64) uint32_t v[16] = {};
-  for (int64_t r = 0; r < w.rows; ++r) std::memcpy(&v[r], w.base + r * L.KB + 4 * d, L.KB - 4 * d);
-  return _mm512_load_si512(v);
+// v[c] ← (v[0][c], …, v[15][c]): the 16 × 16 dword transpose (in-lane unpacks, then 128-bit lane shuffles).
+inline void transpose16(__m512i* v) {
+  __m512i t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);      // lane L: v2i[4L] v2i+1[4L] v2i[4L+1] v2i+1[4L+1]
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);  //         … [4L+2], [4L+3]
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {                                     // u[4i+k] lane L: rows 4i..4i+3 of column 4L+k
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512i a = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), b = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD),
+                  c = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), d = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    v[k] = _mm512_shuffle_i32x4(a, c, 0x88);
+    v[8 + k] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    v[4 + k] = _mm512_shuffle_i32x4(b, d, 0x88);
+    v[12 + k] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+// out[j] = dword c0 + j (bytes 4 (c0 + j) … + 3) of the 16 rows, j < 16: one 64-byte load per row, masked past the
+// row's last byte (never read beyond it, so never beyond the plane), rows past N zero; the line `ahead` bytes
+// further on of each row is prefetched (a prefetch never faults, so past the plane's end is harmless).
+inline void sign_chunk(const SignLut& L, const SignRows& w, int64_t c0, int64_t ahead, __m512i* out) {
+  const int64_t b0 = 4 * c0, nb = std::min<int64_t>(64, L.KB - b0);
+  const __mmask64 bm = nb >= 64 ? ~0ull : ((1ull << nb) - 1);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    out[r] = r < w.rows ? _mm512_maskz_loadu_epi8(bm, w.base + r * L.KB + b0) : _mm512_setzero_si512();
+    _mm_prefetch(reinterpret_cast<const char*>(w.base + r * L.KB + b0 + ahead), _MM_HINT_T1);
+  }
+  transpose16(out);
 }
 
 template <int R, bool I16>
 void sign_tile(const SignLut& L, const void* tables, const float* steps, const float* xblk, int64_t rg0, float* y_out) {
   __m512 y[R];
   SignRows rw[R];
+  alignas(64) __m512i chunk[R][16];                   // the current 16 dwords of every row group, transposed
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) { y[r] = _mm512_setzero_ps(); rw[r] = sign_rows(L, rg0 + r); }
   const int64_t dpb = L.B / 32;
@@ -73,9 +104,13 @@ void sign_tile(const SignLut& L, const void* tables, const float* steps, const f
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) { S[r] = _mm512_setzero_ps(); Si[r] = _mm512_setzero_si512(); }
     for (int64_t d = d0; d < d1; ++d) {
+      if ((d & 15) == 0) {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) sign_chunk(L, rw[r], d, 16 * R * L.KB, chunk[r]);
+      }
       __m512i g[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) g[r] = sign_dwords(L, rw[r], d);
+      for (int r = 0; r < R; ++r) g[r] = chunk[r][d & 15];
       if constexpr (I16) {
 #if ARBQ_LUT16
 #pragma GCC unroll 4

@@ -68,6 +68,10 @@ class BinarizeConfig:
     nm_compensate: pbs2p: after each step, OBS/GPTQ updates of the pruned entries inside the block, column by
                    column, onto the block's later kept weights (the binarizer re-fits the updated survivors);
                    false = what was pruned is compensated in the later blocks only
+    nm_reprune:    pbs2p: rounds of N:M position reassignment after the last step (Lloyd steps over the levels
+                   {0, the groups' binary levels}): in every run of M the N weights whose zero costs most
+                   against their best binary level are kept, then the groups are re-fitted; a round is kept
+                   only if the block's weighted error went down. 0 = off
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
@@ -116,6 +120,7 @@ class BinarizeConfig:
     nm_stepwise: bool = True
     nm_compensate: bool = False
     nm_cfs: int = 0
+    nm_reprune: int = 0
     tune_epochs: int = 0
     tune_lr: float = 1e-3
     tune_target: str = "layer"
@@ -143,7 +148,7 @@ class BinarizeConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ArbqError(f"recipe: unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
-        for key in ("iters", "x_iters", "search_iters", "regroup", "tune_epochs"):
+        for key in ("iters", "x_iters", "search_iters", "regroup", "nm_reprune", "tune_epochs"):
             if getattr(self, key) < 0:
                 raise ArbqError(f"recipe: {key} must be >= 0")
         if self.blocksize < 8 or self.blocksize % 8:

@@ -11,6 +11,9 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
   t = 1 … M − N: in each row and run of M columns, prune the kept entry whose removal costs least given the
      current binarization,  Δ_ij = (w_ij² − (w_ij − ŵ_ij)²) · c_j,  c_j = 1/d_j² ("hessian", OBS's weight of
      column j) or H_jj ∝ ‖X_j‖² ("wanda"); then re-fit every group on the survivors (ARB iterations)
+  nm_reprune R: R Lloyd rounds over the positions after the last step (`best_positions`: in every run of M
+     keep the N weights whose zero costs most against their nearest binary level, re-fit; a round is kept
+     only if the block's weighted error Σ c_j (w_ij − ŵ_ij)² went down) — a pruned weight can come back
   compensation: Err = (W_b − Ŵ)/d with Ŵ = 0 at pruned entries, W[:, later] −= Err·U[b, later]
   (nm_compensate: after each step, `compensate_pruned` moves the block's later survivors by the OBS updates of
    what that step pruned, and the errors it applied inside the block are added to Err for the later blocks)
@@ -24,13 +27,14 @@ as when a pruned checkpoint is binarized), then the binarizer on the survivors i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
 from arbq.errors import ArbqError
 from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
-from arbq.methods.block import choose_masks, fit_block, round_scales
+from arbq.methods.block import BlockFit, choose_masks, fit_block, group_candidates, round_scales
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem, stored
 from arbq.methods.record import MethodRecord
@@ -97,6 +101,47 @@ def compensate_pruned(Wb: Tensor, keep: Tensor, Ub: Tensor) -> tuple[Tensor, Ten
     return W * keep, E
 
 
+def best_positions(Wb: Tensor, fit: BlockFit, c: Tensor, n: int, m: int, cgb: bool) -> tuple[Tensor, Tensor]:
+    """The N:M positions and group bits that minimise the block's weighted error Σ c_j (w_ij − ŵ_ij)² for the
+    fit's current levels: with ŵ_g the best binary level of each weight in group g (block.group_candidates),
+        gain_ij = (w_ij² − min_g (w_ij − ŵ_g,ij)²) · c_j,   keep = the N highest gains of every run of M,
+    each kept weight in its nearer group (salient columns keep theirs unless cgb, and are scored in it; pruned
+    entries keep theirs).
+    Wb: [N, C], c: [1, C] → (keep [N, C], group [N, C])."""
+    cost = (Wb[None] - group_candidates(Wb, fit)) ** 2
+    fixed = fit.salient[None, :].expand_as(Wb) if not cgb else torch.zeros_like(fit.group)
+    nearer = torch.where(fixed, fit.group, cost[1] < cost[0])
+    keep = nm_mask((Wb * Wb - torch.where(nearer, cost[1], cost[0])) * c, n, m)
+    return keep, torch.where(keep, nearer, fit.group)
+
+
+def reprune(Wb: Tensor, fit: BlockFit, keep: Tensor, c: Tensor, n: int, m: int, S: Tensor | None,
+            method: BinaryMethod, cfg: BinarizeConfig) -> tuple[BlockFit, Tensor]:
+    """cfg.nm_reprune Lloyd rounds over the positions: `best_positions` for the current levels, then the groups
+    re-fitted on them; a round is taken only if the block's weighted error Σ c_j (w_ij − ŵ_ij)² went down (ŵ is
+    0 at pruned entries). Wb, keep: [N, C]; c: [1, C] → (fit, keep)."""
+    def err(f: BlockFit) -> float:
+        return float((((Wb - f.w_hat) ** 2) * c).sum())
+
+    best = err(fit)
+    for _ in range(cfg.nm_reprune):
+        new_keep, group = best_positions(Wb, fit, c, n, m, cfg.cgb)
+        if torch.equal(new_keep, keep):
+            break
+        new = fit_block(Wb, fit.salient, group, S, method, cfg, new_keep)
+        e = err(new)
+        if e >= best:
+            break
+        fit, keep, best = new, new_keep, e
+    return fit, keep
+
+
+# the fits between pruning steps only rank the next step's entries; with nm_reprune (which re-chooses the
+# positions against the full fit afterwards) they use the threshold split and 5 ARB iterations: measured on
+# 1536×576 and 576×1536 synthetic layers, output error within 1% of full step fits, 1.5× faster
+STEP_FIT = {"regroup": 0, "iters": 5}
+
+
 def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:
     """c_j of the module docstring: 1/d_j² (hessian) or H_jj (wanda)."""
     return 1.0 / (d * d) if metric == "hessian" else hdiag
@@ -123,6 +168,7 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         fixed = nm_mask(W * W * column_weight(cfg.nm_metric, d_all, hdiag)[None, :], n, m)
         W = W * fixed
     B = cfg.blocksize
+    step_cfg = replace(cfg, **STEP_FIT) if cfg.nm_reprune else cfg
     blocks, keeps = [], []
     for s in range(0, K, B):
         e = min(s + B, K)
@@ -136,7 +182,7 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
             keep = torch.ones_like(Wb, dtype=torch.bool)
             steps = (m - n) if stepwise else 1
             for step in range(steps):
-                w_hat = fit_block(Wb, salient, group, S, method, cfg, keep).w_hat
+                w_hat = fit_block(Wb, salient, group, S, method, step_cfg, keep).w_hat
                 delta = (Wb * Wb - (Wb - w_hat) ** 2) * c
                 keep = prune_lowest(delta, keep, m, 1 if stepwise else m - n)
                 if step == steps - 1:
@@ -144,7 +190,10 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
                 if cfg.nm_compensate:
                     Wb, E = compensate_pruned(Wb, keep, U[s:e, s:e])
                     owed += E
-        fit = round_scales(fit_block(Wb, salient, group, S, method, cfg, keep), cfg.scale_dtype)
+        fit = fit_block(Wb, salient, group, S, method, cfg, keep)
+        if fixed is None and cfg.nm_reprune:
+            fit, keep = reprune(Wb, fit, keep, c, n, m, S, method, cfg)
+        fit = round_scales(fit, cfg.scale_dtype)
         fit.w_hat = fit.w_hat * keep
         blocks.append(fit)
         keeps.append(keep)
@@ -174,7 +223,7 @@ def _check(cfg: BinarizeConfig) -> None:
                         "must not cross a block)")
 
 
-NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate")
+NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune")
 
 
 def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
