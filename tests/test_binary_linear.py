@@ -123,9 +123,9 @@ def test_lookup_int16_tables_round_only_the_inputs(ext):
                                        (33, 520, 64, "fp8"), (5, 64, 32, "bf16"), (11, 70, 96, "fp16")])
 def test_sign_lookup_reads_its_own_plane_and_rounds_only_the_inputs(ext, n, k, bs, sd):
     """The sign scheme's lookup (4-column subset sums of x) runs from the layer's own sign plane, K not a multiple
-    of 32 (a last partial dword), of 512 (a partial last chunk of the transposed loads) and N not of 16 included: with int16 tables it equals an independent emulation
-    of its one rounding (x per block to q = rint(x · 8191 / max |x|), μ X_t from the same q), with fp32 tables
-    the torch backend to 1e-6."""
+    of 32 (a last partial dword), of 512 (a partial last chunk of the transposed loads) and N not of 16 included:
+    with int16 tables it equals an independent emulation of its one rounding (x per block to
+    q = rint(x · 8191 / max |x|), μ X_t from the same q), with fp32 tables the torch backend to 1e-6."""
     res = random_result(n, k, "sign", False, bs, seed=n + k)
     p = pack_linear(res, scheme_for("sign", False), sd)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(k))
