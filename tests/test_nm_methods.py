@@ -86,6 +86,14 @@ def _fit(problem, method: str, **kw):
     return (res, row), cfg
 
 
+@pytest.mark.parametrize("key,value", [("nm_reprune", 1), ("nm_compensate", True)])
+def test_stbllm_refuses_the_stepwise_keys(key, value):
+    """stbllm prunes once before binarizing: a key that acts on pbs2p's steps is refused, not silently ignored."""
+    with pytest.raises(ArbqError, match=key):
+        BinarizeConfig(method="stbllm", **{key: value}).checked()
+    BinarizeConfig(method="pbs2p", **{key: value}).checked()
+
+
 @pytest.mark.parametrize("method", ["pbs2p", "stbllm"])
 @pytest.mark.parametrize("nm", ["6:8", "4:8", "2:4"])
 def test_fit_is_n_of_m_and_packs_exactly(problem, method, nm):

@@ -238,8 +238,15 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
     def plan(cfg: BinarizeConfig, influence) -> list[dict] | None:
         return cfs.layer_plan(cfg.nm, cfg.nm_cfs, parse_nm, influence)
 
+    def check(cfg: BinarizeConfig) -> None:
+        _check(cfg)
+        stepwise_only = [k for k in ("nm_reprune", "nm_compensate") if getattr(cfg, k)]
+        if not in_loop and stepwise_only:
+            raise ArbqError(f"recipe: {', '.join(stepwise_only)} act on pbs2p's pruning steps; {name} prunes once "
+                            "before binarizing and does not read them")
+
     return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
-                        result_type=NMResult, keys=NM_KEYS, check=_check, label=label, layer_plan=plan)
+                        result_type=NMResult, keys=NM_KEYS, check=check, label=label, layer_plan=plan)
 
 
 RECORDS = [
