@@ -56,11 +56,14 @@ E2E_QUICK_DIMS = {"hidden": 256, "intermediate": 512, "heads": 4, "kv_heads": 4,
 PAPER = {"nsamples": 128, "seqlen": 2048}
 
 
-# table 4 besides rc+cgb: the BiLLM layout and the N:M layouts (pbs2p and stbllm write the same binary_nm layout)
+# table 4 besides rc+cgb: every method's compact layout and its NAME/lut form (pbs2p and stbllm write the same
+# binary_nm layout)
 KERNEL_METHODS = ("rc+cgb/lut,billm,billm/lut,x+cgb,x+cgb/lut,sign,"
                   "pbs2p-6of8,pbs2p-6of8/lut,pbs2p-5of8,pbs2p-5of8/lut,pbs2p-4of8,pbs2p-4of8/lut")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from bench.e2e import METHODS as E2E_METHODS
+
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -100,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--decode-repeats", type=int, help="decode: runs per model (default 5)")
     a("--skip-e2e", action="store_true", help="skip the end-to-end table on the synthetic 4096-class model (table 5)")
     a("--e2e-layers", type=int, help="table 5: decoder layers of the synthetic Llama (default 2; quick 1)")
-    a("--e2e-methods", default="rc+cgb,rc+cgb/lut,billm,x+cgb,sign,pbs2p-6of8,pbs2p-6of8/lut",
+    a("--e2e-methods", default=",".join(E2E_METHODS),
       help="table 5: packed layouts (comma list; NAME/lut = NAME's layout interleaved: binary_lut, "
       "binary_nm_lut)")
     a("--e2e-packed-dtypes", default="fp32,bf16", help="table 5: dtypes the packed models are loaded in")

@@ -156,7 +156,7 @@ void sign_tile(const SignLut& L, const void* tables, const float* steps, const f
 
 // y [N] = W x for one x row [K] (the module comment); i16: int16 tables where compiled.
 void gemv_sign(const SignLut& L, const float* x, float* y, bool i16) {
-  const int64_t kp = 32 * L.KD;                       // columns covered by the gathers (zero past K)
+  const int64_t kp = 32 * L.KD;                       // columns covered by the dwords read (zero past K)
   static thread_local std::vector<float> scratch;
   const size_t need = static_cast<size_t>(kp + 16 * kp / 4 + 64 + 2 * L.T);
   if (scratch.size() < need) scratch.assign(need, 0.f);

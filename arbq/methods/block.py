@@ -149,17 +149,22 @@ def group_candidates(W: Tensor, fit: BlockFit) -> Tensor:
     return torch.stack(out)
 
 
+def nearest_group(W: Tensor, fit: BlockFit, cgb: bool) -> tuple[Tensor, Tensor]:
+    """(cost [2, N, C] = (w − ŵ_g)² under either group's current parameters, nearer [N, C]: the group bit
+    whose parameters represent w with the smaller error; salient columns keep theirs unless CGB splits them)."""
+    cand = group_candidates(W, fit)
+    cost = (W[None] - cand) ** 2
+    fixed = fit.salient[None, :].expand_as(W) if not cgb else torch.zeros_like(fit.group)
+    return cost, torch.where(fixed, fit.group, cost[1] < cost[0])
+
+
 def regroup(W: Tensor, fit: BlockFit, keep: Tensor | None, cgb: bool) -> Tensor:
     """New group bits [N, C]: every kept weight joins the group whose current parameters represent it with
     the smaller error (w − ŵ_g)² (a Lloyd step of the two-group split; the magnitude-threshold split of
     BiLLM is its start). The group bit is stored per weight, so any assignment packs; salient columns
     keep theirs unless CGB splits them, pruned entries keep theirs (they belong to no group)."""
-    cand = group_candidates(W, fit)
-    new = (W - cand[1]) ** 2 < (W - cand[0]) ** 2
-    fixed = fit.salient[None, :].expand_as(new) if not cgb else torch.zeros_like(new)
-    if keep is not None:
-        fixed = fixed | ~keep
-    return torch.where(fixed, fit.group, new)
+    nearer = nearest_group(W, fit, cgb)[1]
+    return nearer if keep is None else torch.where(keep, nearer, fit.group)
 
 
 def _fit_groups(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,

@@ -34,7 +34,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
-from arbq.methods.block import BlockFit, choose_masks, fit_block, group_candidates, round_scales
+from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, round_scales
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem, stored
 from arbq.methods.record import MethodRecord
@@ -103,14 +103,12 @@ def compensate_pruned(Wb: Tensor, keep: Tensor, Ub: Tensor) -> tuple[Tensor, Ten
 
 def best_positions(Wb: Tensor, fit: BlockFit, c: Tensor, n: int, m: int, cgb: bool) -> tuple[Tensor, Tensor]:
     """The N:M positions and group bits that minimise the block's weighted error Σ c_j (w_ij − ŵ_ij)² for the
-    fit's current levels: with ŵ_g the best binary level of each weight in group g (block.group_candidates),
+    fit's current levels: with ŵ_g the best binary level of each weight in group g (block.nearest_group),
         gain_ij = (w_ij² − min_g (w_ij − ŵ_g,ij)²) · c_j,   keep = the N highest gains of every run of M,
     each kept weight in its nearer group (salient columns keep theirs unless cgb, and are scored in it; pruned
     entries keep theirs).
     Wb: [N, C], c: [1, C] → (keep [N, C], group [N, C])."""
-    cost = (Wb[None] - group_candidates(Wb, fit)) ** 2
-    fixed = fit.salient[None, :].expand_as(Wb) if not cgb else torch.zeros_like(fit.group)
-    nearer = torch.where(fixed, fit.group, cost[1] < cost[0])
+    cost, nearer = nearest_group(Wb, fit, cgb)
     keep = nm_mask((Wb * Wb - torch.where(nearer, cost[1], cost[0])) * c, n, m)
     return keep, torch.where(keep, nearer, fit.group)
 
