@@ -72,6 +72,9 @@ class BinarizeConfig:
                    {0, the groups' binary levels}): in every run of M the N weights whose zero costs most
                    against their best binary level are kept, then the groups are re-fitted; a round is kept
                    only if the block's weighted error went down. 0 = off
+    nm_substeps:   pbs2p: sub-masks per pruning step (τ = nm_substeps · (M − N)): sub-step i of step t prunes
+                   the t-th weight in the runs of lowest cost of each row until i/nm_substeps of the row's runs
+                   have lost it, re-fitting in between; 1 = one weight in every run per step
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
@@ -121,6 +124,7 @@ class BinarizeConfig:
     nm_compensate: bool = False
     nm_cfs: int = 0
     nm_reprune: int = 0
+    nm_substeps: int = 1
     tune_epochs: int = 0
     tune_lr: float = 1e-3
     tune_target: str = "layer"
@@ -151,6 +155,8 @@ class BinarizeConfig:
         for key in ("iters", "x_iters", "search_iters", "regroup", "nm_reprune", "tune_epochs"):
             if getattr(self, key) < 0:
                 raise ArbqError(f"recipe: {key} must be >= 0")
+        if self.nm_substeps < 1:
+            raise ArbqError("recipe: nm_substeps must be >= 1")
         if self.blocksize < 8 or self.blocksize % 8:
             raise ArbqError("recipe: blocksize must be a positive multiple of 8")
         if not 0 < self.percdamp < 10:

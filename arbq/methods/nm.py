@@ -11,6 +11,8 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
   t = 1 … M − N: in each row and run of M columns, prune the kept entry whose removal costs least given the
      current binarization,  Δ_ij = (w_ij² − (w_ij − ŵ_ij)²) · c_j,  c_j = 1/d_j² ("hessian", OBS's weight of
      column j) or H_jj ∝ ‖X_j‖² ("wanda"); then re-fit every group on the survivors (ARB iterations)
+     (nm_substeps k: each step in k sub-steps; sub-step i prunes in the runs of lowest min Δ of every row until
+      i/k of its runs have lost their t-th weight, re-fitting in between)
   nm_reprune R: R Lloyd rounds over the positions after the last step (`best_positions`: in every run of M
      keep the N weights whose zero costs most against their nearest binary level, re-fit; a round is kept
      only if the block's weighted error Σ c_j (w_ij − ŵ_ij)² went down) — a pruned weight can come back
@@ -67,6 +69,29 @@ def prune_lowest(score: Tensor, keep: Tensor, m: int, per_run: int) -> Tensor:
     return out
 
 
+def prune_cheapest_runs(score: Tensor, keep: Tensor, m: int, kept_after: int, quota: int) -> Tensor:
+    """One sub-step of a pruning step: in every row, the full runs of m columns that still keep more than
+    `kept_after` entries are pending; the pending runs whose lowest kept score is smallest each lose that entry,
+    until `quota` of the row's runs keep `kept_after` (quota = all runs: every pending run loses one, which is
+    prune_lowest(score, keep, m, 1) when every run keeps kept_after + 1). score, keep: [N, C] → [N, C]."""
+    N, C = score.shape
+    full = C - C % m
+    if not full:
+        return keep.clone()
+    k = keep[:, :full].reshape(N, -1, m)
+    s = score[:, :full].reshape(N, -1, m).masked_fill(~k, float("inf"))
+    order = torch.argsort(s, dim=-1, stable=True)[..., :1]                      # [N, R, 1] each run's cheapest
+    pending = k.sum(-1) > kept_after
+    run_min = s.gather(-1, order)[..., 0].masked_fill(~pending, float("inf"))
+    rank = torch.argsort(torch.argsort(run_min, dim=-1, stable=True), dim=-1)
+    now = (quota - (~pending).sum(-1, keepdim=True)).clamp_min(0)
+    chosen = pending & (rank < now)
+    pruned = torch.zeros_like(k).scatter(-1, order, chosen[..., None])
+    out = keep.clone()
+    out[:, :full] = (k & ~pruned).reshape(N, full)
+    return out
+
+
 def _trim_tail(score: Tensor, keep: Tensor, n: int, m: int) -> Tensor:
     """The last partial run (r = C mod m columns) keeps min(n, r) entries: drop the lowest-scoring extras."""
     r = keep.shape[1] % m
@@ -85,20 +110,29 @@ def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
 
 
 def compensate_pruned(Wb: Tensor, keep: Tensor, Ub: Tensor) -> tuple[Tensor, Tensor]:
-    """OBS/GPTQ updates for the pruned entries of one block, column by column (U_b: the block's part of the
-    upper Cholesky factor of H⁻¹): for j = 0 … C − 1,
-        e_j = W[:, j] ∘ (1 − keep[:, j]) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]
+    """OBS/GPTQ updates for the pruned entries of one block (U_b: the block's part of the upper Cholesky factor
+    of H⁻¹), the column-by-column recursion
+        e_j = W[:, j] ∘ (1 − keep[:, j]) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]   (j = 0 … C − 1)
+    solved for all rows at once: on a row's pruned columns D (ascending), f = e ∘ diag(U) solves the unit upper
+    triangular system  f (I + A_DD) = W_D,  A_ij = U_ij / U_ii (i < j); then W' = keep ∘ (W − E · strict_upper(U)).
     Wb, keep: [N, C]; U_b: [C, C] → (W' [N, C] with pruned entries 0 and the survivors updated, E [N, C]: the
     errors still owed to the later blocks, W[:, later] −= E · U[block, later]). Entries pruned earlier are 0
     and only carry the updates they receive from columns before them."""
-    W = Wb.clone()
-    E = torch.zeros_like(W)
-    drop = (~keep).to(W.dtype)
-    for j in range(W.shape[1]):
-        e = W[:, j] * drop[:, j] / Ub[j, j]
-        W[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
-        E[:, j] = e
-    return W * keep, E
+    N, C = Wb.shape
+    drop = ~keep
+    k = int(drop.sum(1).max()) if drop.any() else 0
+    if not k:
+        return Wb.clone(), torch.zeros_like(Wb)
+    diag = torch.diagonal(Ub)
+    A = torch.triu(Ub, 1) / diag[:, None]                                            # [C, C]
+    cols = torch.argsort((~drop).to(torch.int8), dim=1, stable=True)[:, :k]          # [N, k] pruned first
+    real = drop.gather(1, cols)                                                      # [N, k] not padding
+    pair = real[:, :, None] & real[:, None, :]
+    T = torch.eye(k, dtype=Wb.dtype) + A[cols[:, :, None], cols[:, None, :]] * pair  # [N, k, k]
+    rhs = (Wb.gather(1, cols) * real)[:, None, :]                                    # [N, 1, k]
+    f = torch.linalg.solve_triangular(T, rhs, upper=True, left=False)[:, 0]
+    E = torch.zeros_like(Wb).scatter(1, cols, f / diag[cols] * real)
+    return (Wb - E @ torch.triu(Ub, 1)) * keep, E
 
 
 def best_positions(Wb: Tensor, fit: BlockFit, c: Tensor, n: int, m: int, cgb: bool) -> tuple[Tensor, Tensor]:
@@ -142,6 +176,17 @@ def reprune(Wb: Tensor, fit: BlockFit, keep: Tensor, c: Tensor, n: int, m: int, 
 STEP_FIT = {"regroup": 0, "iters": 5}
 
 
+def _schedule(steps: int, substeps: int, runs: int) -> list[tuple[int, int]]:
+    """(step t, quota) of every sub-step: sub-step i of step t brings round(R·i/substeps) of a row's R full runs
+    to m − 1 − t kept. With substeps > 1, sub-steps that would prune nothing are dropped, but never the last
+    (it also trims a partial last run)."""
+    plan = [(t, round(runs * i / substeps)) for t in range(steps) for i in range(1, substeps + 1)]
+    if substeps == 1:
+        return plan
+    out = [p for j, p in enumerate(plan[:-1]) if p[1] > 0 and (j == 0 or plan[j - 1] != p) and p != plan[-1]]
+    return out + plan[-1:]
+
+
 def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:
     """c_j of the module docstring: 1/d_j² (hessian) or H_jj (wanda)."""
     return 1.0 / (d * d) if metric == "hessian" else hdiag
@@ -180,12 +225,13 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
             keep = fixed[:, s:e]
         else:
             keep = torch.ones_like(Wb, dtype=torch.bool)
-            steps = (m - n) if stepwise else 1
-            for step in range(steps):
+            plan = _schedule(m - n if stepwise else 1, cfg.nm_substeps if stepwise else 1, (e - s) // m)
+            for j, (step, quota) in enumerate(plan):
                 w_hat = fit_block(Wb, salient, group, S, method, step_cfg, keep).w_hat
                 delta = (Wb * Wb - (Wb - w_hat) ** 2) * c
-                keep = prune_lowest(delta, keep, m, 1 if stepwise else m - n)
-                if step == steps - 1:
+                keep = prune_cheapest_runs(delta, keep, m, m - 1 - step, quota) if stepwise else \
+                    prune_lowest(delta, keep, m, m - n)
+                if j == len(plan) - 1:
                     keep = _trim_tail(Wb * Wb * c, keep, n, m)
                 if cfg.nm_compensate:
                     Wb, E = compensate_pruned(Wb, keep, U[s:e, s:e])
@@ -223,7 +269,8 @@ def _check(cfg: BinarizeConfig) -> None:
                         "must not cross a block)")
 
 
-NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune")
+NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
+           "nm_substeps")
 
 
 def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
@@ -238,7 +285,8 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
 
     def check(cfg: BinarizeConfig) -> None:
         _check(cfg)
-        stepwise_only = [k for k in ("nm_reprune", "nm_compensate") if getattr(cfg, k)]
+        stepwise_only = [k for k in ("nm_reprune", "nm_compensate") if getattr(cfg, k)] + \
+            (["nm_substeps"] if cfg.nm_substeps > 1 else [])
         if not in_loop and stepwise_only:
             raise ArbqError(f"recipe: {', '.join(stepwise_only)} act on pbs2p's pruning steps; {name} prunes once "
                             "before binarizing and does not read them")
