@@ -93,8 +93,8 @@ def _obs_reference(w: torch.Tensor, keep: torch.Tensor, H: torch.Tensor) -> torc
 
 @pytest.mark.parametrize("n,m,C,earlier", [(6, 8, 12, False), (4, 8, 44, True), (2, 4, 16, True), (7, 8, 8, False)])
 def test_compensate_pruned_is_sequential_obs(n, m, C, earlier):
-    """compensate_pruned (a triangular solve on each row's pruned columns, all rows at once) equals the obvious
-    per-row OBS with re-inverted Hessians, also when some pruned entries are already 0 from an earlier step and
+    """compensate_pruned (Cholesky rows, all rows at once) equals the obvious per-row OBS with re-inverted
+    Hessians, also when some pruned entries are already 0 from an earlier step and
     rows prune different counts (a partial last run); the errors it owes are the GPTQ form of the same updates."""
     g = torch.Generator().manual_seed(3)
     N = 5

@@ -3,8 +3,13 @@
 Protocol: same process and threads (recorded); a correctness check before any timing; warm-up; A/B
 interleaved (the order alternates every repeat); median with p10/p90 of >= 21 repeats; dense outputs
 preallocated; kernel build and layer preparation excluded. "hot" reuses one weight; "cold" rotates
-copies of the weights larger than the last-level cache. The honest bits per weight are reported next
-to every speedup: the batch-1 ceiling vs fp32 is 32 / bits. `nm="6:8"` times the "binary_nm" layout
+copies of the weights larger than the last-level cache. A batch-1 repeat is a chain of back-to-back calls
+(cold: every copy once; hot: HOT_CHAIN calls) timed together, the per-call time being the chain's over its
+length, as in a decode, where linears follow each other: a single call after the other side's op also
+paid the OpenMP workers' wake-up from sleep (measured on a 2-vCPU VM: sign 11008×4096 cold 0.52 ms per call
+back to back, 0.98 ms after a dense matmul, 0.63 ms with OMP_WAIT_POLICY=ACTIVE). Batches ≥ 8 time one call
+per repeat. The honest bits per weight are reported next to every speedup: the batch-1 ceiling vs fp32 is
+32 / bits. `nm="6:8"` times the "binary_nm" layout
 (arbq.packed.nm: the method's binary scheme on n of every m weights, random positions) instead.
 """
 
@@ -78,6 +83,16 @@ def stats(ts: list[float]) -> dict:
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 Op = Callable[[int], object]           # op(r): one timed call at repeat r
+HOT_CHAIN = 8                          # batch-1 hot: calls per timed repeat
+
+
+def chained(call: Callable[[int], object], length: int) -> Op:
+    """op(r) = call(r·length + i) for i < length, back to back: one timed repeat of `length` calls (per-call
+    time = the repeat's / length; with `length` = the number of cold copies every copy is called once)."""
+    def op(r: int) -> None:
+        for i in range(length):
+            call(r * length + i)
+    return op
 
 
 def clock_timer(now: Callable[[], float]) -> Callable[[Op, int], float]:
@@ -160,11 +175,14 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
             err = float((layers[0](x) - want).abs().max() / want.abs().max())
             if err > {"fp16": 5e-3, "lut": 1e-3}.get(extra["lanes"], 1e-4):
                 raise RuntimeError(f"packed output differs from dense by {err:.2e} (relative): not timing it")
-            ops = (lambda r, x=x, buf=buf: torch.matmul(x, dense[r % copies].T, out=buf),
-                   lambda r, x=x: layers[r % copies](x))
+            chain = (copies if cold else HOT_CHAIN) if b < 8 else 1
+            ops = (chained(lambda r, x=x, buf=buf: torch.matmul(x, dense[r % copies].T, out=buf), chain),
+                   chained(lambda r, x=x: layers[r % copies](x), chain))
             # every copy once in the warm-up: per-layer preparation is not timed
-            d, p = interleaved(ops, repeats, max(warmup, copies), clock_timer(now))
-            row = {"dense_fp32": d, "packed": p, "max_rel_err": err, "speedup": d["median_ms"] / p["median_ms"]}
+            d, p = (_per_call(t, chain) for t in interleaved(ops, repeats, max(warmup, -(-copies // chain)),
+                                                              clock_timer(now)))
+            row = {"dense_fp32": d, "packed": p, "max_rel_err": err, "speedup": d["median_ms"] / p["median_ms"],
+                   "chain": chain}
             if extra.get("bf16"):      # what users run dense models in: bf16 weights and inputs (oneDNN, AMX)
                 # the packed layer gets the same bf16 x (a model loaded in bf16): batch 1 runs the fp32 kernel,
                 # batches >= BATCH_TILE the bf16 prefill path (bf16 panels, bf16 matmul)
@@ -173,13 +191,20 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
                 err16 = float((layers[0](x16).float() - want16).abs().max() / want16.abs().max())
                 if err16 > 1e-2:
                     raise RuntimeError(f"packed bf16 output differs from dense bf16 by {err16:.2e}: not timing it")
-                ops16 = (lambda r, buf16=buf16, x16=x16, w16=dense16: torch.matmul(x16, w16[r % copies].T, out=buf16),
-                         lambda r, x16=x16: layers[r % copies](x16))
-                d16, p16 = interleaved(ops16, repeats, max(warmup, copies), clock_timer(now))
+                ops16 = (chained(lambda r, buf16=buf16, x16=x16, w16=dense16: torch.matmul(x16, w16[r % copies].T,
+                                                                                           out=buf16), chain),
+                         chained(lambda r, x16=x16: layers[r % copies](x16), chain))
+                d16, p16 = (_per_call(t, chain) for t in interleaved(ops16, repeats, max(warmup, -(-copies // chain)),
+                                                                      clock_timer(now)))
                 row.update(dense_bf16=d16, packed_vs_bf16=p16, speedup_vs_bf16=d16["median_ms"] / p16["median_ms"],
                            packed_bf16_vs_fp32=d["median_ms"] / p16["median_ms"], max_rel_err_bf16=err16)
             out["batches"][str(b)] = row
     return out
+
+
+def _per_call(st: dict, chain: int) -> dict:
+    """stats of chained repeats -> per-call stats (every figure over the chain's length)."""
+    return {key: v / chain for key, v in st.items()}
 
 
 def bench(shapes=((4096, 4096), (11008, 4096)), **kw) -> list[dict]:

@@ -110,29 +110,20 @@ def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
 
 
 def compensate_pruned(Wb: Tensor, keep: Tensor, Ub: Tensor) -> tuple[Tensor, Tensor]:
-    """OBS/GPTQ updates for the pruned entries of one block (U_b: the block's part of the upper Cholesky factor
-    of H⁻¹), the column-by-column recursion
-        e_j = W[:, j] ∘ (1 − keep[:, j]) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]   (j = 0 … C − 1)
-    solved for all rows at once: on a row's pruned columns D (ascending), f = e ∘ diag(U) solves the unit upper
-    triangular system  f (I + A_DD) = W_D,  A_ij = U_ij / U_ii (i < j); then W' = keep ∘ (W − E · strict_upper(U)).
+    """OBS/GPTQ updates for the pruned entries of one block, column by column (U_b: the block's part of the
+    upper Cholesky factor of H⁻¹): for j = 0 … C − 1,
+        e_j = W[:, j] ∘ (1 − keep[:, j]) / U_jj,   W[:, j+1:] −= e_j U[j, j+1:]
     Wb, keep: [N, C]; U_b: [C, C] → (W' [N, C] with pruned entries 0 and the survivors updated, E [N, C]: the
     errors still owed to the later blocks, W[:, later] −= E · U[block, later]). Entries pruned earlier are 0
     and only carry the updates they receive from columns before them."""
-    N, C = Wb.shape
-    drop = ~keep
-    k = int(drop.sum(1).max()) if drop.any() else 0
-    if not k:
-        return Wb.clone(), torch.zeros_like(Wb)
-    diag = torch.diagonal(Ub)
-    A = torch.triu(Ub, 1) / diag[:, None]                                            # [C, C]
-    cols = torch.argsort((~drop).to(torch.int8), dim=1, stable=True)[:, :k]          # [N, k] pruned first
-    real = drop.gather(1, cols)                                                      # [N, k] not padding
-    pair = real[:, :, None] & real[:, None, :]
-    T = torch.eye(k, dtype=Wb.dtype) + A[cols[:, :, None], cols[:, None, :]] * pair  # [N, k, k]
-    rhs = (Wb.gather(1, cols) * real)[:, None, :]                                    # [N, 1, k]
-    f = torch.linalg.solve_triangular(T, rhs, upper=True, left=False)[:, 0]
-    E = torch.zeros_like(Wb).scatter(1, cols, f / diag[cols] * real)
-    return (Wb - E @ torch.triu(Ub, 1)) * keep, E
+    W = Wb.clone()
+    E = torch.zeros_like(W)
+    drop = (~keep).to(W.dtype)
+    for j in range(W.shape[1]):
+        e = W[:, j] * drop[:, j] / Ub[j, j]
+        W[:, j + 1:] -= e[:, None] * Ub[j, j + 1:][None, :]
+        E[:, j] = e
+    return W * keep, E
 
 
 def best_positions(Wb: Tensor, fit: BlockFit, c: Tensor, n: int, m: int, cgb: bool) -> tuple[Tensor, Tensor]:
