@@ -9,8 +9,8 @@ length, as in a decode, where linears follow each other: a single call after the
 paid the OpenMP workers' wake-up from sleep (measured on a 2-vCPU VM: sign 11008×4096 cold 0.52 ms per call
 back to back, 0.98 ms after a dense matmul, 0.63 ms with OMP_WAIT_POLICY=ACTIVE). Batches ≥ 8 time one call
 per repeat. The honest bits per weight are reported next to every speedup: the batch-1 ceiling vs fp32 is
-32 / bits. `nm="6:8"` times the "binary_nm" layout
-(arbq.packed.nm: the method's binary scheme on n of every m weights, random positions) instead.
+32 / bits. `nm="6:8"` times the "binary_nm" layout (arbq.packed.nm: the method's binary scheme on n of every
+m weights, random positions) instead.
 """
 
 from __future__ import annotations
