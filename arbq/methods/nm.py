@@ -279,7 +279,8 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
         stepwise_only = [k for k in ("nm_reprune", "nm_compensate") if getattr(cfg, k)] + \
             (["nm_substeps"] if cfg.nm_substeps > 1 else [])
         if not in_loop and stepwise_only:
-            raise ArbqError(f"recipe: {', '.join(stepwise_only)} act on pbs2p's pruning steps; {name} prunes once "
+            verb = "acts" if len(stepwise_only) == 1 else "act"
+            raise ArbqError(f"recipe: {', '.join(stepwise_only)} {verb} on pbs2p's pruning steps; {name} prunes once "
                             "before binarizing and does not read them")
 
     return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
