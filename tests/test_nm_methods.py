@@ -135,18 +135,22 @@ def test_stbllm_refuses_the_stepwise_keys(key, value):
     BinarizeConfig(method="pbs2p", **{key: value}).checked()
 
 
+def _assert_n_of_m_and_packs_exactly(res, cfg, method: str, nm: str) -> None:
+    """Exactly N of every M weights kept, and the packed layer dequantizes to the fit."""
+    n, m = map(int, nm.split(":"))
+    assert (res.keep.reshape(res.keep.shape[0], -1, m).sum(-1) == n).all()
+    rec = get_method(method)
+    assert torch.equal(dequantize(layout_of(rec.layout).pack(res, rec.layout_params(cfg), "fp16")),
+                       res.dequantize())
+
+
 @pytest.mark.parametrize("method", ["pbs2p", "stbllm"])
 @pytest.mark.parametrize("nm", ["6:8", "4:8", "2:4"])
 def test_fit_is_n_of_m_and_packs_exactly(problem, method, nm):
     (res, row), cfg = _fit(problem, method, nm=nm, cgb=True)
     n, m = map(int, nm.split(":"))
-    W = problem[0]
-    assert (res.keep.reshape(W.shape[0], -1, m).sum(-1) == n).all()
-    What = res.dequantize()
-    assert (What[~res.keep] == 0).all() and row["kept_frac"] == pytest.approx(n / m)
-    rec = get_method(method)
-    p = layout_of(rec.layout).pack(res, rec.layout_params(cfg), "fp16")
-    assert torch.equal(dequantize(p), What)
+    _assert_n_of_m_and_packs_exactly(res, cfg, method, nm)
+    assert (res.dequantize()[~res.keep] == 0).all() and row["kept_frac"] == pytest.approx(n / m)
 
 
 def test_stepwise_pruning_beats_prune_then_binarize(problem):
@@ -247,11 +251,7 @@ def test_repruning_lowers_the_error_and_keeps_n_of_m(problem):
     for nm, (without, want) in REPRUNED.items():
         (res, row), cfg = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2, nm_reprune=1)
         base = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2)[0][1]["output_err"]
-        n, m = map(int, nm.split(":"))
-        assert (res.keep.reshape(res.keep.shape[0], -1, m).sum(-1) == n).all()
-        rec = get_method("pbs2p")
-        assert torch.equal(dequantize(layout_of(rec.layout).pack(res, rec.layout_params(cfg), "fp16")),
-                           res.dequantize())
+        _assert_n_of_m_and_packs_exactly(res, cfg, "pbs2p", nm)
         assert base == pytest.approx(without, rel=0.03), nm
         assert row["output_err"] == pytest.approx(want, rel=0.03), nm
         assert row["output_err"] < base * {"6:8": 0.95, "5:8": 0.995, "4:8": 0.99}[nm]
@@ -266,11 +266,7 @@ def test_substeps_keep_n_of_m_and_pin_the_error(problem):
     step at 6:8 / 5:8 / 4:8: the sub-mask split is neutral here, and off in the recipe)."""
     for nm, want in SUBSTEPS.items():
         (res, row), cfg = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2, nm_substeps=2)
-        n, m = map(int, nm.split(":"))
-        assert (res.keep.reshape(res.keep.shape[0], -1, m).sum(-1) == n).all()
-        rec = get_method("pbs2p")
-        assert torch.equal(dequantize(layout_of(rec.layout).pack(res, rec.layout_params(cfg), "fp16")),
-                           res.dequantize())
+        _assert_n_of_m_and_packs_exactly(res, cfg, "pbs2p", nm)
         assert row["output_err"] == pytest.approx(want, rel=0.03), nm
 
 

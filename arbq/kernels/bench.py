@@ -176,11 +176,10 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
             if err > {"fp16": 5e-3, "lut": 1e-3}.get(extra["lanes"], 1e-4):
                 raise RuntimeError(f"packed output differs from dense by {err:.2e} (relative): not timing it")
             chain = (copies if cold else HOT_CHAIN) if b < 8 else 1
+            warm = max(warmup, -(-copies // chain))       # every copy at least once: preparation is not timed
             ops = (chained(lambda r, x=x, buf=buf: torch.matmul(x, dense[r % copies].T, out=buf), chain),
                    chained(lambda r, x=x: layers[r % copies](x), chain))
-            # every copy once in the warm-up: per-layer preparation is not timed
-            d, p = (_per_call(t, chain) for t in interleaved(ops, repeats, max(warmup, -(-copies // chain)),
-                                                              clock_timer(now)))
+            d, p = (_per_call(t, chain) for t in interleaved(ops, repeats, warm, clock_timer(now)))
             row = {"dense_fp32": d, "packed": p, "max_rel_err": err, "speedup": d["median_ms"] / p["median_ms"],
                    "chain": chain}
             if extra.get("bf16"):      # what users run dense models in: bf16 weights and inputs (oneDNN, AMX)
@@ -194,8 +193,7 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
                 ops16 = (chained(lambda r, buf16=buf16, x16=x16, w16=dense16: torch.matmul(x16, w16[r % copies].T,
                                                                                            out=buf16), chain),
                          chained(lambda r, x16=x16: layers[r % copies](x16), chain))
-                d16, p16 = (_per_call(t, chain) for t in interleaved(ops16, repeats, max(warmup, -(-copies // chain)),
-                                                                      clock_timer(now)))
+                d16, p16 = (_per_call(t, chain) for t in interleaved(ops16, repeats, warm, clock_timer(now)))
                 row.update(dense_bf16=d16, packed_vs_bf16=p16, speedup_vs_bf16=d16["median_ms"] / p16["median_ms"],
                            packed_bf16_vs_fp32=d["median_ms"] / p16["median_ms"], max_rel_err_bf16=err16)
             out["batches"][str(b)] = row

@@ -29,7 +29,7 @@ as when a pruned checkpoint is binarized), then the binarizer on the survivors i
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -262,6 +262,9 @@ def _check(cfg: BinarizeConfig) -> None:
 
 NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
            "nm_substeps")
+# the keys that act on pbs2p's pruning steps, with their "off" values (BinarizeConfig's defaults)
+STEPWISE_KEYS = {f.name: f.default for f in fields(BinarizeConfig)
+                 if f.name in ("nm_compensate", "nm_reprune", "nm_substeps")}
 
 
 def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
@@ -276,8 +279,7 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
 
     def check(cfg: BinarizeConfig) -> None:
         _check(cfg)
-        stepwise_only = [k for k in ("nm_reprune", "nm_compensate") if getattr(cfg, k)] + \
-            (["nm_substeps"] if cfg.nm_substeps > 1 else [])
+        stepwise_only = [k for k in STEPWISE_KEYS if getattr(cfg, k) != STEPWISE_KEYS[k]]
         if not in_loop and stepwise_only:
             verb = "acts" if len(stepwise_only) == 1 else "act"
             raise ArbqError(f"recipe: {', '.join(stepwise_only)} {verb} on pbs2p's pruning steps; {name} prunes once "
