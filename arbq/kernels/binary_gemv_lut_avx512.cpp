@@ -273,15 +273,13 @@ void rows_of_scheme(const Lut& L, const LutCall& c, int64_t N, float* y) {
 }
 
 #if ARBQ_LUT16
-// int16 tables of one input vector v [4 KQ] (zero past K): per block t, q_j = rint(v_j / s_t) with
-// s_t = max_{j in t} |v_j| / qmax (0 for an all-zero block), then the 16 entries of each pair (pa, pb: the
-// code's contribution patterns, as the fp32 tables) in the octet order of block_sums16: out [KO, 2, 32] =
-// (pairs 4o | 4o+2, pairs 4o+1 | 4o+3). Entries are integers |e| <= 2 qmax, built exactly in fp32. qmax =
-// 16383, or 8191 where 4-column sums must fit int16 too (N:M's pruned-sum tables); q: the q_j [8 KO].
-void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, int16_t* out, float* step,
-              float qmax, std::vector<float>& q) {
-  const int64_t kp = 4 * L.KQ, np = 2 * L.KQ, KO = (L.KQ + 1) / 2;
-  q.assign(8 * KO, 0.f);
+// One input vector v [4 KQ] (zero past K) rounded per block t: q_j = rint(v_j / s_t), s_t = max_{j in t} |v_j| / qmax
+// (0 for an all-zero block), into qi (int16 [8 KO], zero past 4 KQ) and, where qf is not null, the same integers
+// in fp32 into qf [8 KO] (N:M's pruned-sum tables). qmax = 16383, or 8191 where 4-column sums must fit int16 too.
+void quantize_blocks(const Lut& L, const float* v, float qmax, int16_t* qi, float* step, float* qf) {
+  const int64_t kp = 4 * L.KQ, KO = (L.KQ + 1) / 2;
+  std::fill(qi + kp, qi + 8 * KO, int16_t{0});
+  if (qf) std::fill(qf + kp, qf + 8 * KO, 0.f);
   for (int64_t t = 0; t < L.T; ++t) {
     const int64_t j0 = t * L.B, j1 = std::min(kp, j0 + L.B);
     __m512 m = _mm512_setzero_ps();
@@ -296,18 +294,34 @@ void tables16(const Lut& L, const float* v, const __m512& pa, const __m512& pb, 
       const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
       const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vinv),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_storeu_ps(q.data() + j, k, r);
+      _mm512_mask_cvtepi32_storeu_epi16(qi + j, k, _mm512_cvtps_epi32(r));
+      if (qf) _mm512_mask_storeu_ps(qf + j, k, r);
     }
   }
-  for (int64_t o = 0; o < KO; ++o)
-    for (int half = 0; half < 2; ++half)
-      for (int side = 0; side < 2; ++side) {
-        const int64_t p = 4 * o + half + 2 * side;     // the pair in this 16-entry slot
-        const __m512 e = p < np ? _mm512_fmadd_ps(_mm512_set1_ps(q[2 * p]), pa, _mm512_mul_ps(_mm512_set1_ps(q[2 * p + 1]), pb))
-                                : _mm512_setzero_ps();
-        _mm256_store_si256(reinterpret_cast<__m256i*>(out + 64 * o + 32 * half + 16 * side),
-                           _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(e)));
-      }
+}
+
+// The int16 pair tables of n code patterns from one rounded input qi [8 KO], in block_sums16's octet order:
+// out[i] [KO, 2, 32] = (pairs 4o | 4o+2, pairs 4o+1 | 4o+3), entry c of pair p = q_{2p} pa[i][c] + q_{2p+1} pb[i][c]
+// (pa, pb: int16 [32], the 16 codes' factors in {-1, 0, 1} twice); exact, |entry| <= 2 qmax. The octet's 8 q sit
+// in one 128-bit load; vpermw spreads column a (b) of the two pairs of a half over its 16-word halves.
+void pair_tables16(int64_t KO, const int16_t* qi, const __m512i* pa, const __m512i* pb, int n, int16_t* const* out) {
+  alignas(64) int16_t ia[2][32], ib[2][32];
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      ia[h][l] = static_cast<int16_t>(2 * h + (l >= 16 ? 4 : 0));
+      ib[h][l] = static_cast<int16_t>(ia[h][l] + 1);
+    }
+  const __m512i ia0 = _mm512_load_si512(ia[0]), ia1 = _mm512_load_si512(ia[1]), ib0 = _mm512_load_si512(ib[0]),
+                ib1 = _mm512_load_si512(ib[1]);
+  for (int64_t o = 0; o < KO; ++o) {
+    const __m512i q8 = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qi + 8 * o)));
+    const __m512i a0 = _mm512_permutexvar_epi16(ia0, q8), b0 = _mm512_permutexvar_epi16(ib0, q8),
+                  a1 = _mm512_permutexvar_epi16(ia1, q8), b1 = _mm512_permutexvar_epi16(ib1, q8);
+    for (int i = 0; i < n; ++i) {
+      _mm512_store_si512(out[i] + 64 * o, _mm512_add_epi16(_mm512_mullo_epi16(a0, pa[i]), _mm512_mullo_epi16(b0, pb[i])));
+      _mm512_store_si512(out[i] + 64 * o + 32, _mm512_add_epi16(_mm512_mullo_epi16(a1, pa[i]), _mm512_mullo_epi16(b1, pb[i])));
+    }
+  }
 }
 #endif
 
@@ -328,19 +342,34 @@ void subset_tables(const float* v, int64_t n4, T* out) {
   }
 }
 
+// Sum of v over each block t of [0, K): out [T] (16 lanes, then the lanes' sum).
+inline void block_sums(const float* v, int64_t K, int64_t B, int64_t T, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t j1 = std::min(K, (t + 1) * B);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t j = t * B; j < j1; j += 16)
+      s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1), v + j));
+    out[t] = _mm512_reduce_add_ps(s);
+  }
+}
+
 // y [N] = W x for one x row [K]: tables and salient inputs once per call, then the tiles. i16: int16 tables
 // (needs ARBQ_LUT16 and B % 8 == 0), else fp32.
 void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool i16) {
   const int64_t np = 2 * L.KQ, kp = 4 * L.KQ, ko = (L.KQ + 1) / 2;
   // one scratch per calling thread, grown when needed (a fresh allocation of the tables costs page faults
   // that, at small N, take longer than the lookups): z0, z1, x [kp] each, then the tables, 64-byte aligned
-  // fp32 [3][np, 16] + N:M's [KQ, 16]; int16 [3][KO, 2, 32] + [KO, 32] take half
+  // fp32 [3][np, 16] + N:M's [KQ, 16] (int16 [3][KO, 2, 32] + [KO, 32] take half), then the int16 inputs
+  // [8 KO] and fp32 [8 KO], the block sums of x and of its salient columns [T] each, the salient inputs [S, 5]
+  // and the steps [3 T]
   const int64_t tab_floats = 3 * 16 * np + 16 * (L.KQ + 1);
   static thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(3 * kp + tab_floats + 16);
+  const size_t need = static_cast<size_t>(3 * kp + tab_floats + 16 + 4 * ko + 8 * ko + 5 * L.T + 5 * L.S + 16);
   if (scratch.size() < need) scratch.assign(need, 0.f);
   float *z0 = scratch.data(), *z1 = z0 + kp, *xp = z1 + kp;
   float* tab = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(xp + kp) + 63) & ~uintptr_t(63));
+  auto* qi = reinterpret_cast<int16_t*>(tab + tab_floats);
+  float *qf = tab + tab_floats + 4 * ko, *txb = qf + 8 * ko, *txs = txb + L.T, *steps = txs + L.T, *zs = steps + 3 * L.T;
   std::memcpy(xp, x, sizeof(float) * K);
   if (L.rc) {
     const float *c0 = L.cs, *c1 = L.cs + 2 * K;
@@ -358,40 +387,55 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
     pa0[cde] = gA ? 0.f : sa; pa1[cde] = gA ? sa : 0.f; ga[cde] = gA;
     pb0[cde] = gB ? 0.f : sb; pb1[cde] = gB ? sb : 0.f; gb[cde] = gB;
   }
-  const __m512 PA0 = _mm512_load_ps(pa0), PA1 = _mm512_load_ps(pa1), PB0 = _mm512_load_ps(pb0),
-               PB1 = _mm512_load_ps(pb1), GA = _mm512_load_ps(ga), GB = _mm512_load_ps(gb);
-  std::vector<float> txb(L.T, 0.f), txs(L.T, 0.f), zs(5 * L.S + 1, 0.f), steps(3 * L.T, 0.f);
-  for (int64_t t = 0; t < L.T; ++t)
-    for (int64_t j = t * L.B, j1 = std::min(K, j + L.B); j < j1; ++j) txb[t] += x[j];
+  block_sums(x, K, L.B, L.T, txb);
   for (int64_t p = 0; p < L.S; ++p) {
     const int64_t j = L.sidx[p];
-    float* o = zs.data() + 5 * p;
+    float* o = zs + 5 * p;
     o[0] = z0[j]; o[2] = z1[j]; o[4] = x[j];
     o[1] = L.rc ? L.cs[K + j] * x[j] : x[j];
     o[3] = L.rc ? L.cs[3 * K + j] * x[j] : x[j];
   }
-  for (int64_t t = 0; t < L.T; ++t)
+  for (int64_t t = 0; t < L.T; ++t) {
+    txs[t] = 0.f;
     for (int64_t p = L.soff[t]; p < L.soff[t + 1]; ++p) txs[t] += x[L.sidx[p]];
-  LutCall c{nullptr, nullptr, nullptr, txb.data(), zs.data(), txs.data(), nullptr, nullptr, nullptr,
-            steps.data(), steps.data() + L.T, steps.data() + 2 * L.T};
+  }
+  LutCall c{nullptr, nullptr, nullptr, txb, zs, txs, nullptr, nullptr, nullptr, steps, steps + L.T, steps + 2 * L.T};
   const bool nm = L.keep != nullptr;     // N:M (RC schemes only: make_lut checks)
 #if ARBQ_LUT16
   if (i16) {
-    static thread_local std::vector<float> q;
+    alignas(64) int16_t pat[6][32];        // pa0 pb0 pa1 pb1 ga gb as int16, twice each
+    const float* src[6] = {pa0, pb0, pa1, pb1, ga, gb};
+    for (int i = 0; i < 6; ++i)
+      for (int l = 0; l < 32; ++l) pat[i][l] = static_cast<int16_t>(src[i][l & 15]);
+    __m512i P[6];
+    for (int i = 0; i < 6; ++i) P[i] = _mm512_load_si512(pat[i]);
     auto* t16 = reinterpret_cast<int16_t*>(tab);
+    int16_t* const outs[3] = {t16, t16 + 64 * ko, t16 + 128 * ko};
     const float qmax = nm ? 8191.f : 16383.f;
-    tables16(L, z1, PA1, PB1, t16 + 64 * ko, steps.data() + L.T, qmax, q);
-    if (!L.rc) tables16(L, xp, GA, GB, t16 + 128 * ko, steps.data() + 2 * L.T, qmax, q);
-    tables16(L, z0, PA0, PB0, t16, steps.data(), qmax, q);                // last: q = z0's, for N:M's tables
+    if (L.rc) {                                  // U from z0, V from z1
+      const __m512i pa[1] = {P[2]}, pb[1] = {P[3]};
+      quantize_blocks(L, z1, qmax, qi, steps + L.T, nullptr);
+      pair_tables16(ko, qi, pa, pb, 1, outs + 1);
+      quantize_blocks(L, z0, qmax, qi, steps, nm ? qf : nullptr);
+      pair_tables16(ko, qi, P, P + 1, 1, outs);
+    } else {                                     // z0 = z1 = x: one rounding, three tables
+      const __m512i pa[3] = {P[0], P[2], P[4]}, pb[3] = {P[1], P[3], P[5]};
+      quantize_blocks(L, xp, qmax, qi, steps, nullptr);
+      std::copy(steps, steps + L.T, steps + L.T);
+      std::copy(steps, steps + L.T, steps + 2 * L.T);
+      pair_tables16(ko, qi, pa, pb, 3, outs);
+    }
     c.qu = t16; c.qv = t16 + 64 * ko; c.qx = t16 + 128 * ko;
     if (nm) {
       c.qp = t16 + 192 * ko;
-      subset_tables(q.data(), 2 * ko, t16 + 192 * ko);
+      subset_tables(qf, 2 * ko, t16 + 192 * ko);
     }
     rows_of_scheme<true>(L, c, N, y);
     return;
   }
 #endif
+  const __m512 PA0 = _mm512_load_ps(pa0), PA1 = _mm512_load_ps(pa1), PB0 = _mm512_load_ps(pb0),
+               PB1 = _mm512_load_ps(pb1), GA = _mm512_load_ps(ga), GB = _mm512_load_ps(gb);
   (void)i16;
   // fp32 tables: 16 codes per pair
   float *tu = tab, *tv = tab + 16 * np, *tx = tab + 32 * np;

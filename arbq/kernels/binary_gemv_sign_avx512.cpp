@@ -166,16 +166,29 @@ void gemv_sign(const SignLut& L, const float* x, float* y, bool i16) {
   float* xblk = steps + L.T;
   std::fill(q + L.K, q + kp, 0.f);
   const bool use16 = ARBQ_LUT16 && i16;
-  for (int64_t t = 0; t < L.T; ++t) {
+  for (int64_t t = 0; t < L.T; ++t) {                 // 16 columns at a time: max and integer sums are exact
     const int64_t j0 = t * L.B, j1 = std::min(L.K, j0 + L.B);
-    float mx = 0.f, sx = 0.f;
-    for (int64_t j = j0; j < j1; ++j) { mx = std::max(mx, std::fabs(x[j])); sx += x[j]; }
-    if (!use16) { std::copy(x + j0, x + j1, q + j0); xblk[t] = sx; continue; }
-    const float inv = mx > 0.f ? 8191.f / mx : 0.f;
+    auto mask = [&](int64_t j) { return j1 - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j1 - j)) - 1); };
+    if (!use16) {
+      std::copy(x + j0, x + j1, q + j0);
+      float sx = 0.f;
+      for (int64_t j = j0; j < j1; ++j) sx += x[j];
+      xblk[t] = sx;
+      continue;
+    }
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask(j), x + j)));
+    const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? 8191.f / mx : 0.f;
     steps[t] = mx / 8191.f;
-    float sq = 0.f;
-    for (int64_t j = j0; j < j1; ++j) { q[j] = std::nearbyint(x[j] * inv); sq += q[j]; }
-    xblk[t] = steps[t] * sq;                          // X_t from the rounded inputs: the product is exact for them
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; j += 16) {
+      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask(j), x + j), vinv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_mask_storeu_ps(q + j, mask(j), r);
+      sq = _mm512_add_ps(sq, r);
+    }
+    xblk[t] = steps[t] * _mm512_reduce_add_ps(sq);    // X_t from the rounded inputs: the product is exact for them
   }
   const void* tables = tab;
 #if ARBQ_LUT16
