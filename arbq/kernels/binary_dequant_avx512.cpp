@@ -12,18 +12,11 @@ inline void store_bf16x16(__m512 w, uint16_t* dst) {
 #endif
 }
 
-// dst[0:K] = bf16(src[0:K]), round to nearest even.
-inline void store_bf16_row(const float* src, int64_t K, uint16_t* dst) {
-  int64_t j = 0;
-  for (; j + 16 <= K; j += 16) store_bf16x16(_mm512_loadu_ps(src + j), dst + j);
-  for (; j < K; ++j) dst[j] = bf16_bits(src[j]);
-}
-
 // Rows r0:r1 of W for the batched path: every column from the planes with kind-0 values, then the salient
-// columns overwritten (scatter) from the aligned salient words with kind-1 values. binary_nm: the compact
-// rows expanded first (dense_rows), kept columns only (pruned ones stored as 0). fp32 rows go to `out`
-// [r1 - r0, K]; with out_bf16 (then `out` is unused) each row is built in a per-thread fp32 row (in L1) and
-// stored rounded to bf16, the operand of the prefill path's bf16 (AMX/oneDNN) matmul. RC, GRP and NM are
+// columns overwritten from the aligned salient words with kind-1 values. binary_nm: the compact rows expanded
+// first (dense_rows), kept columns only (pruned ones stored as 0). fp32 rows go to `out` [r1 - r0, K]; with
+// out_bf16 (then `out` is unused) every 16 values are rounded to bf16 as they are stored (the same bits as an
+// fp32 row rounded afterwards), the operand of the prefill path's bf16 (AMX/oneDNN) matmul. RC, GRP and NM are
 // compile-time copies of a.rc, a.grp_on and a.nm, so the 16-column loop has no branches but its tail.
 template <bool RC, bool GRP, bool NM>
 void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* out_bf16) {
@@ -43,10 +36,14 @@ void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* 
   for (int s = 0; s < NSLOT; ++s) ln[s] = a.pos[s];
   at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> buf(NM ? 2 * a.Kb : 0);
-    std::vector<float> row(out_bf16 ? kp : 0);
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = b; i < e; ++i) {
-      float* o = out_bf16 ? row.data() : out + (i - r0) * K;
+      float* o = out_bf16 ? nullptr : out + (i - r0) * K;
+      uint16_t* o16 = out_bf16 ? out_bf16 + (i - r0) * K : nullptr;
+      auto put16 = [&](int64_t c, __m512 w) {                     // columns 16c .. 16c + 15
+        if (o16) store_bf16x16(w, o16 + 16 * c);
+        else _mm512_storeu_ps(o + 16 * c, w);
+      };
       const uint8_t *s1, *gr, *kp8 = NM ? a.keep + i * a.Kb : nullptr;
       dense_rows(a, i, buf.data(), &s1, &gr);
       for (int64_t t = 0; t < a.T; ++t) {
@@ -67,7 +64,7 @@ void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* 
         for (int64_t c = c0; c < cf; ++c) {
           __m512 w = level(c, word16(s1 + 2 * c), GRP ? word16(gr + 2 * c) : 0);
           if (NM) w = _mm512_maskz_mov_ps(word16(kp8 + 2 * c), w);
-          _mm512_storeu_ps(o + 16 * c, w);
+          put16(c, w);
         }
         if (cf < c1) {   // the last 16 columns of a row whose K is not a multiple of 16 (one byte of bits)
           const int64_t c = cf;
@@ -76,7 +73,14 @@ void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* 
           };
           __m512 w = level(c, tail(s1), GRP ? tail(gr) : 0);
           if (NM) w = _mm512_maskz_mov_ps(tail(kp8), w);
-          _mm512_mask_storeu_ps(o + 16 * c, _cvtu32_mask16((1u << (K - 16 * c)) - 1u), w);
+          alignas(64) float wt[16];
+          alignas(64) uint16_t wt16[16];
+          _mm512_store_ps(wt, w);
+          store_bf16x16(w, wt16);
+          for (int64_t j = 16 * c; j < K; ++j) {
+            if (o16) o16[j] = wt16[j - 16 * c];
+            else o[j] = wt[j - 16 * c];
+          }
         }
         if (!a.sal) continue;
         const __m512 a101 = lane(A10_1), a111 = lane(A11_1), a102 = lane(A10_2), a112 = lane(A11_2);
@@ -92,13 +96,24 @@ void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* 
           __m512 val = _mm512_add_ps(_mm512_mask_sub_ps(w1, _knot_mask16(m1), zero, w1),
                                      _mm512_mask_sub_ps(w2, _knot_mask16(m2), zero, w2));
           if (!RC) val = _mm512_add_ps(val, _mm512_mask_blend_ps(mg, m10, m11));
-          const __m512i idx = _mm512_loadu_si512(scol.data() + 16 * w);
-          __mmask16 put = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
-          if (NM) put = _kand_mask16(put, word16(a.kw + i * 2 * a.W + 2 * w));
-          _mm512_mask_i32scatter_ps(o, put, idx, val, 4);
+          // the 16 values to their columns by plain stores (a vscatterdps costs several times more on Zen 4)
+          if (NM) val = _mm512_maskz_mov_ps(word16(a.kw + i * 2 * a.W + 2 * w), val);
+          const int32_t* col = scol.data() + 16 * w;
+          if (o16) {
+            alignas(64) uint16_t vv[16];
+            store_bf16x16(val, vv);
+#pragma GCC unroll 16
+            for (int l = 0; l < 16; ++l)
+              if (col[l] >= 0) o16[col[l]] = vv[l];
+          } else {
+            alignas(64) float vv[16];
+            _mm512_store_ps(vv, val);
+#pragma GCC unroll 16
+            for (int l = 0; l < 16; ++l)
+              if (col[l] >= 0) o[col[l]] = vv[l];
+          }
         }
       }
-      if (out_bf16) store_bf16_row(o, K, out_bf16 + (i - r0) * K);
     }
   });
 }
