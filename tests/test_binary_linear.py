@@ -119,6 +119,34 @@ def test_lookup_int16_tables_round_only_the_inputs(ext):
     assert 10 * e32 < e16 < 1e-3
 
 
+
+@pytest.mark.parametrize("method,cgb", [("billm", False), ("x", True)])
+def test_lookup_int16_tables_without_column_scales_round_x_once(ext, method, cgb):
+    """Schemes without column scales (z₀ = z₁ = x) build their three int16 tables (U, V and the group-1 sums X₁ of
+    the means) from one rounding of x per block: the GEMV equals an independent emulation, per block t,
+        y = Σ_j (Ŵ_ij − μ_g) x'_j + μ₀ (Σ_t x − X₁) + μ₁ X₁,   X₁ = Σ_{g=1} x'_j,   x' = rint(x · 16383 / max_t |x|) ·
+    max_t |x| / 16383, with the exact fp32 block sum of x (odd quad count and a partial last block included)."""
+    if "+lut16" not in ext.features():
+        pytest.skip("CPU without AVX512-VNNI / VBMI: no int16 tables")
+    k, bs = 260, 64
+    res = random_result(40, k, method, cgb, bs, seed=6)
+    res = dataclasses.replace(res, salient=torch.zeros_like(res.salient))
+    q = lut.from_binary(pack_linear(res, scheme_for(method, cgb), "fp32"))     # fp32 scales: μ = res.mu exactly
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(7))
+    x[0, ::37] *= 50
+    w, mu, want = BinaryLinear.from_packed(q).dequantize().double(), res.mu.double(), torch.zeros(40, dtype=torch.float64)
+    for t, t0 in enumerate(range(0, k, bs)):
+        xt, g = x[0, t0:t0 + bs].float(), res.group[:, t0:t0 + bs]
+        m = xt.abs().max()
+        xq = torch.round(xt * (torch.tensor(16383.0) / m)).double() * float(m / torch.tensor(16383.0))
+        mu_g = torch.where(g, mu[:, t, 0, 1:2], mu[:, t, 0, 0:1])
+        x1 = (g.double() * xq).sum(1)
+        want += (w[:, t0:t0 + bs] - mu_g) @ xq + mu[:, t, 0, 0] * (xt.double().sum() - x1) + mu[:, t, 0, 1] * x1
+    got = cpu.matmul(q, x, {}, mode=cpu.LUT)[0].double()
+    assert _rel(got, want) < 2e-6
+    exact = w @ x[0].double()
+    assert 1e-6 < _rel(got, exact) < 1e-3
+
 @pytest.mark.parametrize("n,k,bs,sd", [(37, 200, 32, "fp16"), (16, 4100, 128, "fp16"), (21, 1100, 32, "fp16"),
                                        (33, 520, 64, "fp8"), (5, 64, 32, "bf16"), (11, 70, 96, "fp16")])
 def test_sign_lookup_reads_its_own_plane_and_rounds_only_the_inputs(ext, n, k, bs, sd):
