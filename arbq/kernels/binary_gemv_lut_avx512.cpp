@@ -253,11 +253,11 @@ void lut_rows(const Lut& L, const LutCall& c, int64_t N, float* y) {
   // R row groups per tile share each table load (8 spills the salient sums: 10-15% slower, measured)
   constexpr int R = 4;
   const int64_t tiles = L.N16 / R;
-  // at least ~128K weights per thread, and one thread below 1024 rows: a fork/join costs microseconds and
-  // the second core first pulls the call's tables (16 floats per column pair) from the first one's cache
-  // (measured at 576 × 576: 19 µs on one thread, 25 µs on two; 576 × 1536: 47 vs 60 µs)
-  const int64_t grain = 16 * L.N16 < 1024 ? std::max<int64_t>(tiles, 1)
-                                          : std::max<int64_t>(1, (131072 + 16 * R * 4 * L.KQ - 1) / (16 * R * 4 * L.KQ));
+  // at least ~128K weights per thread: a fork / join costs microseconds and the second core first pulls the
+  // call's tables from the first one's cache. Session 14 (decode-like back-to-back calls, tables built in int16
+  // lanes): two threads from 576 × 576 on, 12.8 vs 13.6-14.0 µs at 576 × 576 (rc+cgb), 26.2 vs 32.7 µs at
+  // 576 × 1536; before, one thread below 1024 rows (measured then: 576 × 576 19 vs 25 µs, calls timed alone)
+  const int64_t grain = std::max<int64_t>(1, (131072 + 16 * R * 4 * L.KQ - 1) / (16 * R * 4 * L.KQ));
   at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g) lut_tile<R, RC, CGB, I16, NM>(L, c, g * R, N, y);
   });
