@@ -134,7 +134,8 @@ def test_lookup_int16_tables_without_column_scales_round_x_once(ext, method, cgb
     q = lut.from_binary(pack_linear(res, scheme_for(method, cgb), "fp32"))     # fp32 scales: μ = res.mu exactly
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(7))
     x[0, ::37] *= 50
-    w, mu, want = BinaryLinear.from_packed(q).dequantize().double(), res.mu.double(), torch.zeros(40, dtype=torch.float64)
+    w, mu = BinaryLinear.from_packed(q).dequantize().double(), res.mu.double()
+    want = torch.zeros(40, dtype=torch.float64)
     for t, t0 in enumerate(range(0, k, bs)):
         xt, g = x[0, t0:t0 + bs].float(), res.group[:, t0:t0 + bs]
         m = xt.abs().max()
