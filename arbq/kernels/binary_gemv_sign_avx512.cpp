@@ -166,7 +166,8 @@ void gemv_sign(const SignLut& L, const float* x, float* y, bool i16) {
   float* xblk = steps + L.T;
   std::fill(q + L.K, q + kp, 0.f);
   const bool use16 = ARBQ_LUT16 && i16;
-  for (int64_t t = 0; t < L.T; ++t) {                 // 16 columns at a time: max and integer sums are exact
+  // int16 tables: 16 columns at a time (the max and the sums of integers are exact in any order)
+  for (int64_t t = 0; t < L.T; ++t) {
     const int64_t j0 = t * L.B, j1 = std::min(L.K, j0 + L.B);
     auto mask = [&](int64_t j) { return j1 - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j1 - j)) - 1); };
     if (!use16) {
