@@ -104,11 +104,12 @@ def kernel_table(res: dict, method: str | None = None) -> Table:
     """Table 4 for the kernels' main method (kernels/NxK/...) or another one (kernels/METHOD/NxK/...)."""
     k = res["kernels"] if method is None else {**res["kernels"], **res["kernels"][method]}
     layout = f" (binary_nm {k['nm']})" if k.get("nm") else ""
+    chain = (f"batch 1: per call in a chain of back-to-back calls (cold: every copy once; hot: {k['hot_chain']}), as "
+             "in a decode; ") if k.get("hot_chain") else ""
     t = Table(title=f"4. Kernels — {k['method']}{layout} packed BinaryLinear ({k['backend']}) vs dense "
                     f"{k['dense_dtype']} matmul, {k['threads']} threads, median (p10–p90) of {k['repeats']} "
                     f"A/B-interleaved repeats, "
-                    f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC; batch 1: "
-                    "per call in a chain of back-to-back calls (cold: every copy once; hot: 8), as in a decode; "
+                    f"clock {k['clock']}; hot = same weights every call, cold = rotating copies > LLC; {chain}"
                     "bf16 x = the packed layer fed bf16 activations (batch ≥ 8: bf16 panels, bf16 matmul)")
     for c in ("shape N×K", "bits/w honest", "ceiling 32/b", "batch", "dense ms", "packed ms", "speedup",
               "cold speedup", "dense bf16 ms", "packed, bf16 x, ms", "vs bf16", "bf16 x vs fp32"):

@@ -268,7 +268,7 @@ def speed(b: Bench, model: str) -> None:
                 label=m, **sp.kernel_layout(m)), "kernels")
             if o is not None:
                 k[m] = {key: v for key, v in o.items() if key not in ("threads", "clock", "repeats", "warmup",
-                                                                    "device", "dense_dtype", "backend")}
+                                                                    "hot_chain", "device", "dense_dtype", "backend")}
                 k["other_methods"].append(m)
     b.res["notes"].append("kernel rows time random bits in the layout of the named method (8% salient columns, fp16 "
                           "scales); their honest bits are those of the timed layer")

@@ -91,7 +91,7 @@ def kernels(shapes, device: str = "cpu", batches=(1, 128), repeats: int = 21, wa
                  "scale_dtype": "fp16", "device": device,
                  "dense_dtype": "bf16" if cuda else "fp32", "threads": torch.get_num_threads(),
                  "clock": "cuda events" if cuda else clock, "repeats": repeats, "warmup": warmup,
-                 "backend": _backend(device)}
+                 "hot_chain": None if cuda else kb.HOT_CHAIN, "backend": _backend(device)}
     for n, k in shapes:
         key = f"{n}x{k}"
         if cuda:

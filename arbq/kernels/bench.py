@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from arbq.kernels.cpu import BATCH_TILE
 from arbq.methods.nm import nm_mask
 from arbq.methods.registry import scheme_for
 from arbq.methods.result import LinearResult
@@ -175,7 +176,7 @@ def _bench(n, k, method, cgb, scale_dtype, batches, repeats, warmup, backend, co
             err = float((layers[0](x) - want).abs().max() / want.abs().max())
             if err > {"fp16": 5e-3, "lut": 1e-3}.get(extra["lanes"], 1e-4):
                 raise RuntimeError(f"packed output differs from dense by {err:.2e} (relative): not timing it")
-            chain = (copies if cold else HOT_CHAIN) if b < 8 else 1
+            chain = (copies if cold else HOT_CHAIN) if b < BATCH_TILE else 1      # decode calls only
             warm = max(warmup, -(-copies // chain))       # every copy at least once: preparation is not timed
             ops = (chained(lambda r, x=x, buf=buf: torch.matmul(x, dense[r % copies].T, out=buf), chain),
                    chained(lambda r, x=x: layers[r % copies](x), chain))

@@ -73,13 +73,12 @@ void dequant_rows(const Layer& a, int64_t r0, int64_t r1, float* out, uint16_t* 
           };
           __m512 w = level(c, tail(s1), GRP ? tail(gr) : 0);
           if (NM) w = _mm512_maskz_mov_ps(tail(kp8), w);
-          alignas(64) float wt[16];
-          alignas(64) uint16_t wt16[16];
-          _mm512_store_ps(wt, w);
-          store_bf16x16(w, wt16);
-          for (int64_t j = 16 * c; j < K; ++j) {
-            if (o16) o16[j] = wt16[j - 16 * c];
-            else o[j] = wt[j - 16 * c];
+          if (o16) {
+            alignas(64) uint16_t w16[16];
+            store_bf16x16(w, w16);
+            std::copy(w16, w16 + (K - 16 * c), o16 + 16 * c);
+          } else {
+            _mm512_mask_storeu_ps(o + 16 * c, first_lanes(K - 16 * c), w);
           }
         }
         if (!a.sal) continue;

@@ -26,6 +26,8 @@ inline __m512 load_vals_vec(const Layer& a, int64_t i, int64_t t) {
 inline __m512 madd(__m512 acc, __mmask16 m, __m512 z) { return _mm512_mask_add_ps(acc, m, acc, z); }
 inline __m512 bc(__m512i lane, __m512 v) { return _mm512_permutexvar_ps(lane, v); }
 inline __mmask16 word16(const uint8_t* p) { return _load_mask16(reinterpret_cast<__mmask16*>(const_cast<uint8_t*>(p))); }
+// The first min(n, 16) lanes (n > 0): the mask of a 16-wide step that may run past the end of its range.
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
 // Pass-1 lane types: fp32 (16 columns per mask) and fp16 (32 columns per mask, fp32 at block end).
 struct F32 {

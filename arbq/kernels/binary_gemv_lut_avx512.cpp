@@ -272,34 +272,28 @@ void rows_of_scheme(const Lut& L, const LutCall& c, int64_t N, float* y) {
   else L.cgb ? lut_rows<false, true, I16>(L, c, N, y) : lut_rows<false, false, I16>(L, c, N, y);
 }
 
-#if ARBQ_LUT16
-// One input vector v [4 KQ] (zero past K) rounded per block t: q_j = rint(v_j / s_t), s_t = max_{j in t} |v_j| / qmax
-// (0 for an all-zero block), into qi (int16 [8 KO], zero past 4 KQ) and, where qf is not null, the same integers
-// in fp32 into qf [8 KO] (N:M's pruned-sum tables). qmax = 16383, or 8191 where 4-column sums must fit int16 too.
-void quantize_blocks(const Lut& L, const float* v, float qmax, int16_t* qi, float* step, float* qf) {
-  const int64_t kp = 4 * L.KQ, KO = (L.KQ + 1) / 2;
-  std::fill(qi + kp, qi + 8 * KO, int16_t{0});
-  if (qf) std::fill(qf + kp, qf + 8 * KO, 0.f);
-  for (int64_t t = 0; t < L.T; ++t) {
-    const int64_t j0 = t * L.B, j1 = std::min(kp, j0 + L.B);
+// v [len] rounded per block t of B columns: q_j = rint(v_j / s_t), s_t = max_{j in t} |v_j| / qmax (0 for an
+// all-zero block) into step [ceil(len / B)], the q_j as int16 into qi and / or as fp32 into qf (each where not
+// null). qmax = 16383, or 8191 where 4-column sums must fit int16 too.
+void quantize_blocks(const float* v, int64_t len, int64_t B, float qmax, float* step, int16_t* qi, float* qf) {
+  for (int64_t t = 0, j0 = 0; j0 < len; ++t, j0 += B) {
+    const int64_t j1 = std::min(len, j0 + B);
     __m512 m = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; j += 16) {
-      const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
-      m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(k, v + j)));
-    }
+    for (int64_t j = j0; j < j1; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(j1 - j), v + j)));
     const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? qmax / mx : 0.f;
     step[t] = mx / qmax;
     const __m512 vinv = _mm512_set1_ps(inv);
     for (int64_t j = j0; j < j1; j += 16) {
-      const __mmask16 k = j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1);
+      const __mmask16 k = first_lanes(j1 - j);
       const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + j), vinv),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_cvtepi32_storeu_epi16(qi + j, k, _mm512_cvtps_epi32(r));
+      if (qi) _mm512_mask_cvtepi32_storeu_epi16(qi + j, k, _mm512_cvtps_epi32(r));
       if (qf) _mm512_mask_storeu_ps(qf + j, k, r);
     }
   }
 }
 
+#if ARBQ_LUT16
 // The int16 pair tables of n code patterns from one rounded input qi [8 KO], in block_sums16's octet order:
 // out[i] [KO, 2, 32] = (pairs 4o | 4o+2, pairs 4o+1 | 4o+3), entry c of pair p = q_{2p} pa[i][c] + q_{2p+1} pb[i][c]
 // (pa, pb: int16 [32], the 16 codes' factors in {-1, 0, 1} twice); exact, |entry| <= 2 qmax. The octet's 8 q sit
@@ -348,7 +342,7 @@ inline void block_sums(const float* v, int64_t K, int64_t B, int64_t T, float* o
     const int64_t j1 = std::min(K, (t + 1) * B);
     __m512 s = _mm512_setzero_ps();
     for (int64_t j = t * B; j < j1; j += 16)
-      s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(j1 - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (j1 - j)) - 1), v + j));
+      s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(first_lanes(j1 - j), v + j));
     out[t] = _mm512_reduce_add_ps(s);
   }
 }
@@ -412,15 +406,17 @@ void gemv_lut(const Lut& L, const float* x, int64_t K, int64_t N, float* y, bool
     auto* t16 = reinterpret_cast<int16_t*>(tab);
     int16_t* const outs[3] = {t16, t16 + 64 * ko, t16 + 128 * ko};
     const float qmax = nm ? 8191.f : 16383.f;
+    std::fill(qi + kp, qi + 8 * ko, int16_t{0});             // the inputs [4 KQ] (zero past K), padded to octets
+    std::fill(qf + kp, qf + 8 * ko, 0.f);
     if (L.rc) {                                  // U from z0, V from z1
       const __m512i pa[1] = {P[2]}, pb[1] = {P[3]};
-      quantize_blocks(L, z1, qmax, qi, steps + L.T, nullptr);
+      quantize_blocks(z1, kp, L.B, qmax, steps + L.T, qi, nullptr);
       pair_tables16(ko, qi, pa, pb, 1, outs + 1);
-      quantize_blocks(L, z0, qmax, qi, steps, nm ? qf : nullptr);
+      quantize_blocks(z0, kp, L.B, qmax, steps, qi, nm ? qf : nullptr);
       pair_tables16(ko, qi, P, P + 1, 1, outs);
     } else {                                     // z0 = z1 = x: one rounding, three tables
       const __m512i pa[3] = {P[0], P[2], P[4]}, pb[3] = {P[1], P[3], P[5]};
-      quantize_blocks(L, xp, qmax, qi, steps, nullptr);
+      quantize_blocks(xp, kp, L.B, qmax, steps, qi, nullptr);
       std::copy(steps, steps + L.T, steps + L.T);
       std::copy(steps, steps + L.T, steps + 2 * L.T);
       pair_tables16(ko, qi, pa, pb, 3, outs);

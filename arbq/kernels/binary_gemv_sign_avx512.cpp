@@ -166,30 +166,13 @@ void gemv_sign(const SignLut& L, const float* x, float* y, bool i16) {
   float* xblk = steps + L.T;
   std::fill(q + L.K, q + kp, 0.f);
   const bool use16 = ARBQ_LUT16 && i16;
-  // int16 tables: 16 columns at a time (the max and the sums of integers are exact in any order)
-  for (int64_t t = 0; t < L.T; ++t) {
-    const int64_t j0 = t * L.B, j1 = std::min(L.K, j0 + L.B);
-    auto mask = [&](int64_t j) { return j1 - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j1 - j)) - 1); };
-    if (!use16) {
-      std::copy(x + j0, x + j1, q + j0);
-      float sx = 0.f;
-      for (int64_t j = j0; j < j1; ++j) sx += x[j];
-      xblk[t] = sx;
-      continue;
-    }
-    __m512 m = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; j += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask(j), x + j)));
-    const float mx = _mm512_reduce_max_ps(m), inv = mx > 0.f ? 8191.f / mx : 0.f;
-    steps[t] = mx / 8191.f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    __m512 sq = _mm512_setzero_ps();
-    for (int64_t j = j0; j < j1; j += 16) {
-      const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask(j), x + j), vinv),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm512_mask_storeu_ps(q + j, mask(j), r);
-      sq = _mm512_add_ps(sq, r);
-    }
-    xblk[t] = steps[t] * _mm512_reduce_add_ps(sq);    // X_t from the rounded inputs: the product is exact for them
+  if (use16) {        // X_t from the rounded inputs (integers: their sum is exact), so the product is exact for them
+    quantize_blocks(x, L.K, L.B, 8191.f, steps, nullptr, q);
+    block_sums(q, L.K, L.B, L.T, xblk);
+    for (int64_t t = 0; t < L.T; ++t) xblk[t] *= steps[t];
+  } else {
+    std::copy(x, x + L.K, q);
+    block_sums(x, L.K, L.B, L.T, xblk);
   }
   const void* tables = tab;
 #if ARBQ_LUT16
