@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 OFFLOAD_HELP = "Calibration activations between layers: device | cpu | disk (a scratch file under the output dir)."
 LAZY_HELP = "Read one decoder layer at a time from safetensors (other formats: full load)."
+# arbq.methods.registry's keys, spelled out so that `--help` does not import torch (a test keeps them equal)
+METHOD_NAMES = ("rc", "x", "arb", "billm", "sign", "gptq", "pbs2p", "stbllm")
 
 
 def _csv(value: str | None) -> list[str]:
@@ -50,8 +52,8 @@ def calibrate(
 def binarize(
     model: str = typer.Argument(..., help="Local HF dir, hub id, or .gguf file."),
     out: Path = typer.Option(..., "-o", "--out", help="Run directory."),
-    method: str = typer.Option(None, help="sign | billm | arb | x | rc | gptq (arbq.methods.registry; default from "
-                                           "the recipe: rc)."),
+    method: str = typer.Option(None, help=" | ".join(METHOD_NAMES) + " (arbq.methods.registry; default from the "
+                                                                     "recipe: rc)."),
     cgb: bool = typer.Option(None, "--cgb/--no-cgb", help="Column-group bitmap for salient columns."),
     recipe: str = typer.Option(None, help="Recipe YAML path or name under recipes/ (flags override it)."),
     calib: Path = typer.Option(None, help="Directory written by `arbq calibrate` (else run it into RUN/calib)."),

@@ -65,3 +65,10 @@ def test_an_unregistered_method_is_refused_when_the_recipe_is_read():
 
     with pytest.raises(ArbqError, match="unknown method 'rtn'"):
         BinarizeConfig().replace(method="rtn")
+
+
+def test_cli_method_help_names_every_registered_method():
+    """`arbq binarize --help` lists the methods without importing torch; the list must be the registry's."""
+    from arbq import cli
+
+    assert set(cli.METHOD_NAMES) == set(registry.METHODS)

@@ -10,6 +10,8 @@ Optionally `bind(p, x, cache, bias, watch, env) -> call | None`: the layer's pro
 once (BinaryLinear's fast path at batch 1); call(x) returns y [..., N] in x's dtype with the bias added, or None
 when a tensor in `watch` changed in place, an environment variable in `env` (or one the backend reads) changed,
 or x does not fit the binding.
+Optionally `resident_form(p, where) -> PackedLinear`: p in the layout the backend reads in place (the same Ŵ),
+which a loaded model holds instead of the stored one (arbq.packed.loader.adopt_resident_forms).
 Choose with the ARBQ_KERNEL environment variable (auto | cpu | triton | torch) or BinaryLinear.backend.
 """
 
@@ -66,3 +68,10 @@ def pick(p, x: torch.Tensor, name: str | None = None) -> ModuleType:
 def matmul(p, x: torch.Tensor, cache: dict, name: str | None = None) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] @ Ŵᵀ with the chosen backend."""
     return pick(p, x, name).matmul(p, x, cache)
+
+
+def resident_form(p, device: torch.device | str, where: str = "linear"):
+    """p in the layout that the backend running it on `device` reads in place (its `resident_form`), else p."""
+    mod = pick(p, torch.empty(0, p.spec.in_features, device=device))
+    fn = getattr(mod, "resident_form", None)
+    return p if fn is None else fn(p, where)

@@ -191,6 +191,19 @@ def _nm_expander(spec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
                                                spec.m)
 
 
+def resident_form(p: PackedLinear, where: str = "linear") -> PackedLinear:
+    """p as a process should hold it for this backend: a "binary" or "binary_nm" layer that the lookup GEMV runs
+    (the default lane mode) in the layout the lookup reads in place — binary_lut (the same bits) or binary_nm_lut
+    (2 code bits and 1 position bit per weight) — so that a loaded model keeps one copy, not the file's planes
+    plus the lookup's load-time copy (prepare_lut); every other layer (and every layer in a lane mode that reads
+    the stored planes) as it is."""
+    if p.spec.layout not in ("binary", "binary_nm") or _mode() not in TABLE_BITS or not lut_supported(p):
+        return p
+    if p.spec.layout == "binary":
+        return lut.from_binary(p, where)
+    return nm_lut.from_nm(p, where, expand=_nm_expander(p.spec))
+
+
 def lut_supported(p: PackedLinear) -> bool:
     """Whether the lookup GEMV runs this layer: grouped schemes with salient columns ("binary", "binary_lut"),
     and binary_nm / binary_nm_lut of such a scheme with column scales (RC: no means)."""

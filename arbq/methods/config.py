@@ -25,7 +25,7 @@ CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"
 class BinarizeConfig:
     """Defaults are the ARB-LLM paper's (spec §1) except where noted.
 
-    method:        registry key: sign | billm | arb | x | rc (see arbq.methods.registry)
+    method:        registry key: rc | x | arb | billm | sign | gptq | pbs2p | stbllm (arbq.methods.registry)
     cgb:           column-group bitmap: split salient columns in two groups as well
     iters:         ARB refinement iterations on the chosen masks (paper: 15)
     x_iters:       calibration-aware (ARB-X) iterations after `iters` (x only; paper: 15)

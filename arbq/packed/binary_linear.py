@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from arbq import kernels
+from arbq.errors import ArbqError
 from arbq.packed import layouts
 from arbq.packed.codec import PackedLinear
 
@@ -60,6 +61,21 @@ class BinaryLinear(nn.Module):
         if bias is not None:
             mod.bias = bias.to(dev)
         return mod
+
+    def adopt(self, p: PackedLinear) -> None:
+        """Hold p (this layer's Ŵ in another layout, e.g. a kernel's resident form) instead of the current
+        tensors, which are released; what the kernels derived is rebuilt on the next call."""
+        if (p.spec.out_features, p.spec.in_features) != (self.out_features, self.in_features):
+            raise ArbqError(f"cannot adopt a {p.spec.out_features}x{p.spec.in_features} layout in a "
+                            f"{self.out_features}x{self.in_features} BinaryLinear")
+        bias = self._buffers.pop("bias")
+        for name in self.spec.tensor_shapes():
+            del self._buffers[name]
+        self.spec = p.spec
+        for name, t in p.tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", bias)
+        self._cache_key, self._cache, self._fast = (), {}, None
 
     def packed(self) -> PackedLinear:
         return PackedLinear(self.spec, {name: getattr(self, name) for name in self.spec.tensor_shapes()})

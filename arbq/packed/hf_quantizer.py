@@ -5,6 +5,7 @@ verifies the sha256 manifest, swaps every packed nn.Linear (still on the meta de
 BinaryLinear and checks the checkpoint's keys and shapes against the model, so that a missing or
 unexpected tensor is an error instead of a silently random-initialised weight. Transformers may cast
 the floating packed values to the requested dtype; BinaryLinear reads whatever dtype it holds.
+On the CPU each packed linear is then held in the layout its kernel reads in place (as `arbq.load` does).
 `arbq.load` is the direct path (keeps the stored dtypes of packed tensors).
 """
 
@@ -26,7 +27,16 @@ from arbq.models.arch import unfuse_moe
 from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.format import QUANT_METHOD
 from arbq.packed.layouts import validate
-from arbq.packed.loader import check_checkpoint, check_quant_config, read_header, swap_linears, verify_manifest
+from arbq.packed.loader import (
+    adopt_resident_forms,
+    check_checkpoint,
+    check_quant_config,
+    own_copies,
+    read_header,
+    release_freed_memory,
+    swap_linears,
+    verify_manifest,
+)
 
 
 class ArbqConfig(QuantizationConfigMixin):
@@ -71,6 +81,11 @@ class ArbqHfQuantizer(HfQuantizer):
         for name, mod in model.named_modules():
             if isinstance(mod, BinaryLinear):
                 validate(mod.packed(), name)
+        q = self.quantization_config.checked()
+        if adopt_resident_forms(model, q["modules"]):       # on the CPU: the layouts its kernel reads in place
+            self.quantization_config._fields = {k: v for k, v in q.items() if k != "quant_method"}
+            own_copies(model)
+            release_freed_memory()
         return model
 
     def is_serializable(self) -> bool:

@@ -15,6 +15,7 @@ assigns the tensors (safetensors only: nothing is unpickled).
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -169,6 +170,54 @@ def check_checkpoint(model: nn.Module, header: dict[str, tuple[tuple[int, ...], 
             raise ArbqError(f"{key}: checkpoint dtype {dt} disagrees with the packed format's {t.dtype}")
 
 
+def adopt_resident_forms(model: nn.Module, modules: dict) -> list[str]:
+    """Every packed linear on the CPU in the layout its kernel reads in place (arbq.kernels.resident_form: the
+    CPU lookup holds "binary" as binary_lut, with the same bits, and an RC "binary_nm" as binary_nm_lut), so the
+    process keeps one copy of each layer instead of the stored planes plus the kernel's load-time copy. The
+    modules' quantization_config entries are updated to the layout held; returns the names of those changed."""
+    from arbq import kernels
+
+    changed = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, BinaryLinear):
+            continue
+        p = mod.packed()
+        q = kernels.resident_form(p, "cpu", name) if p.device.type == "cpu" else p
+        if q is not p:
+            mod.adopt(q)
+            modules[name] = {**modules[name], "layout": q.spec.layout, "params": q.spec.to_params()}
+            changed.append(name)
+    return changed
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing). A conversion's large
+    temporaries are freed into the allocator's arenas, which otherwise keep them resident: loading a 4096-class
+    model kept ≈ 200 MB more than the model holds."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def own_copies(model: nn.Module) -> None:
+    """Copy every parameter and buffer that may be a view of a mapped weights file into memory of its own, so
+    no mapping (and none of the file pages a conversion read through it) stays resident; tied tensors stay tied."""
+    seen: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for name, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is None:
+                continue
+            if isinstance(t, nn.Parameter):
+                if id(t) not in seen:
+                    seen[id(t)] = t
+                    t.data = t.data.clone()
+            elif id(t) not in seen:
+                seen[id(t)] = mod._buffers[name] = t.clone()
+            else:
+                mod._buffers[name] = seen[id(t)]
+
+
 _dtype_of = dtypes.from_safetensors
 
 
@@ -196,11 +245,14 @@ def read_header(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dty
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-         verify: bool = True) -> nn.Module:
+         verify: bool = True, resident: bool = True) -> nn.Module:
     """A packed model as an eval-mode transformers causal LM whose packed linears are BinaryLinear.
 
     dtype: dtype of the unbinarized weights and activations (None keeps the stored one).
     verify: check the sha256 manifest first (a flipped byte loads silently otherwise).
+    resident: on the CPU, hold each packed linear in the layout its kernel reads in place (adopt_resident_forms:
+    "binary" as binary_lut, the same bits; model.config.quantization_config then names the layout held);
+    False keeps the stored layouts (and the kernel builds its own copy where it needs one).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -244,9 +296,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ArbqError(f"tensors not loaded: {left[:5]}")
+    del state
     for name, mod in model.named_modules():
         if isinstance(mod, BinaryLinear):
             validate(mod.packed(), name)
+    if resident and torch.device(device).type == "cpu" and adopt_resident_forms(model, q["modules"]):
+        if not convert:
+            own_copies(model)      # the other tensors are views of the files: let the mappings (and read pages) go
+        release_freed_memory()
     model.config.quantization_config = q
     if (root / "generation_config.json").is_file():
         from transformers import GenerationConfig
