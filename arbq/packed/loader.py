@@ -10,7 +10,8 @@ PACKED/arbq_manifest.json     sha256 of every other file
 `load` verifies the manifest, builds the model skeleton with parameters on the meta device (fused MoE
 experts replaced by per-expert linears: arbq.models.moe.unfuse_experts), swaps every
 packed linear for a BinaryLinear, checks the checkpoint's keys, shapes and dtypes against it, then
-assigns the tensors (safetensors only: nothing is unpickled).
+assigns the tensors (safetensors only: nothing is unpickled). On the CPU each packed linear is then held in
+the layout its kernel reads in place (adopt_resident_forms), the stored planes released.
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     verify: check the sha256 manifest first (a flipped byte loads silently otherwise).
     resident: on the CPU, hold each packed linear in the layout its kernel reads in place (adopt_resident_forms:
     "binary" as binary_lut, the same bits; model.config.quantization_config then names the layout held);
-    False keeps the stored layouts (and the kernel builds its own copy where it needs one).
+    False keeps the stored layouts (and the kernel builds its own copy where it needs one); a model meant for a
+    GPU is loaded with device="cuda" (or resident=False): the GPU kernels read the stored layouts.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
