@@ -130,12 +130,16 @@ def test_layers_the_kernel_reads_as_stored_are_not_converted(lookup, packs, monk
     assert {e["layout"] for e in model.config.quantization_config["modules"].values()} == {"binary"}
 
 
-def test_transformers_from_pretrained_holds_the_lookup_layout(lookup, packs):
+def test_transformers_from_pretrained_holds_the_lookup_layout_on_the_cpu(lookup, packs):
+    """With device_map="cpu" the quantizer converts as arbq.load does; without one the model may still be moved to
+    a GPU (whose kernels read the stored layout), so it is left as stored."""
     path = packs[("rc", True)]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
     ref = arbq.load(path, resident=False)
     lin = hf.model.layers[1].mlp.up_proj
     assert lin.spec.layout == "binary_lut"
     assert hf.config.quantization_config.to_dict()["modules"]["model.layers.1.mlp.up_proj"]["layout"] == "binary_lut"
+    unplaced = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert unplaced.model.layers[1].mlp.up_proj.spec.layout == "binary"
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(_run(hf, ids), _run(ref, ids), rtol=1e-4, atol=1e-4)

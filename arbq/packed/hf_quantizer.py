@@ -5,7 +5,9 @@ verifies the sha256 manifest, swaps every packed nn.Linear (still on the meta de
 BinaryLinear and checks the checkpoint's keys and shapes against the model, so that a missing or
 unexpected tensor is an error instead of a silently random-initialised weight. Transformers may cast
 the floating packed values to the requested dtype; BinaryLinear reads whatever dtype it holds.
-On the CPU each packed linear is then held in the layout its kernel reads in place (as `arbq.load` does).
+With `device_map="cpu"` each packed linear is then held in the layout the CPU kernel reads in place (as
+`arbq.load` does on the CPU); without a device map the model may still be moved to a GPU, whose kernels read the
+stored layouts, so they are kept.
 `arbq.load` is the direct path (keeps the stored dtypes of packed tensors).
 """
 
@@ -62,6 +64,7 @@ class ArbqHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        self._on_cpu = _all_cpu(kwargs.get("device_map"))
         files = [Path(f) for f in checkpoint_files or []]
         if not files:
             raise ArbqError("arbq: from_pretrained gave no checkpoint files to verify")
@@ -82,7 +85,7 @@ class ArbqHfQuantizer(HfQuantizer):
             if isinstance(mod, BinaryLinear):
                 validate(mod.packed(), name)
         q = self.quantization_config.checked()
-        if adopt_resident_forms(model, q["modules"]):       # on the CPU: the layouts its kernel reads in place
+        if getattr(self, "_on_cpu", False) and adopt_resident_forms(model, q["modules"]):
             self.quantization_config._fields = {k: v for k, v in q.items() if k != "quant_method"}
             own_copies(model)
             release_freed_memory()
@@ -94,6 +97,13 @@ class ArbqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _all_cpu(device_map) -> bool:
+    """Whether a from_pretrained device_map puts the whole model on the CPU ("cpu", or every entry "cpu")."""
+    if isinstance(device_map, dict):
+        return bool(device_map) and all(str(v) == "cpu" for v in device_map.values())
+    return device_map is not None and str(device_map) == "cpu"
 
 
 def register() -> None:
