@@ -114,11 +114,13 @@ def test_packed_dir_goes_through_arbq_packed(tmp_path, monkeypatch, tiny_model):
     (model_dir / "config.json").write_text(json.dumps(cfg))
     calls = []
     fake = types.ModuleType("arbq.packed")
-    fake.load = lambda path, device: calls.append((Path(path), device)) or tiny_model
+    fake.load = lambda path, device, resident: calls.append((Path(path), device, resident)) or tiny_model
     monkeypatch.setitem(sys.modules, "arbq.packed", fake)
     monkeypatch.setattr(arbq, "packed", fake, raising=False)
     net, tok = load_for_eval(str(model_dir), device="cpu")
-    assert net is tiny_model and calls == [(model_dir, "cpu")]
+    assert net is tiny_model and calls == [(model_dir, "cpu", True)]
+    load_for_eval(str(model_dir), device="cpu", resident=False)
+    assert calls[-1] == (model_dir, "cpu", False)
     assert tok("hello world").input_ids
 
 

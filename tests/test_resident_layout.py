@@ -143,3 +143,28 @@ def test_transformers_from_pretrained_holds_the_lookup_layout_on_the_cpu(lookup,
     assert unplaced.model.layers[1].mlp.up_proj.spec.layout == "binary"
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(_run(hf, ids), _run(ref, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag,layout", [("--resident", "binary_lut"), ("--no-resident", "binary")])
+def test_eval_flag_chooses_the_layout_held(lookup, packs, monkeypatch, flag, layout):
+    """`arbq eval PACKED --no-resident` keeps the stored layout (its bf16 prefill panels are faster to multiply)."""
+    from typer.testing import CliRunner
+
+    from arbq import cli
+    from arbq.stages import evaluate
+
+    held = {}
+    real = evaluate.load_for_eval
+
+    def spy(model, device="cpu", resident=True):
+        net, tok = real(model, device, resident)
+        held["layouts"] = {m.spec.layout for m in net.modules() if isinstance(m, BinaryLinear)}
+        return net, tok
+
+    monkeypatch.setattr(evaluate, "load_for_eval", spy)
+    text = packs[("rc", True)].parent / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    res = CliRunner().invoke(cli.app, ["eval", str(packs[("rc", True)]), "--ppl", str(text), "--seqlen", "64",
+                                       "--max-windows", "1", flag])
+    assert res.exit_code == 0, res.output
+    assert held["layouts"] == {layout}

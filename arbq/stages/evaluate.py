@@ -33,8 +33,9 @@ from arbq.stages.perplexity import PROTOCOL, perplexity
 EVAL_SPLIT = "test"
 
 
-def load_for_eval(model: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """(model in eval mode on `device`, tokenizer). HF models load in float32."""
+def load_for_eval(model: str, device: str = "cpu", resident: bool = True) -> tuple[nn.Module, Any]:
+    """(model in eval mode on `device`, tokenizer). HF models load in float32; a packed dir through arbq.packed.load
+    (`resident`: on the CPU, its linears held in the kernel's own layout)."""
     dev = check_device(device)
     path = Path(model).expanduser()
     from arbq.packed.loader import is_packed
@@ -42,7 +43,7 @@ def load_for_eval(model: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     if path.is_dir() and is_packed(path):
         from arbq import packed
 
-        loaded = packed.load(path, device=device)
+        loaded = packed.load(path, device=device, resident=resident)
         net, tok = loaded if isinstance(loaded, tuple) else (loaded, None)
         if tok is None:
             tok = load_tokenizer(ModelRef(str(path)))
@@ -100,7 +101,7 @@ def render(results: dict[str, Any], console: Console) -> None:
 def run_eval(model: str, ppl: list[str], tasks: list[str], include_path: Path | None = None,
              seqlen: int = 2048, max_windows: int | None = None, limit: int | None = None,
              batch_size: int = 1, device: str = "cpu", json_out: Path | None = None,
-             console: Console | None = None) -> dict[str, Any]:
+             console: Console | None = None, resident: bool = True) -> dict[str, Any]:
     """Evaluate MODEL on every text in `ppl` and every lm-eval task in `tasks`; see module docstring.
 
     Tables go to `console` (stdout by default); `json_out` is written atomically.
@@ -108,7 +109,7 @@ def run_eval(model: str, ppl: list[str], tasks: list[str], include_path: Path | 
     if not ppl and not tasks:
         raise ArbqError("nothing to evaluate: give --ppl texts and/or --tasks")
     console = console or Console()
-    net, tok = load_for_eval(model, device)
+    net, tok = load_for_eval(model, device, resident)
     spinner = Console(stderr=True)  # progress (drawn only on a terminal)
     results: dict[str, Any] = {"model": model, "device": device, "perplexity": [], "tasks": [],
                                "versions": library_versions()}
