@@ -147,7 +147,7 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
     resident: bool = typer.Option(True, "--resident/--no-resident",
                                   help="Packed model on the CPU: hold each linear in the kernel's own layout (one "
-                                       "copy; prefill ≈ 10–20% slower in bf16) or as stored (+ the kernel's copy)."),
+                                       "copy; bf16 prefill ≈ 6–9% slower) or as stored (+ the kernel's copy)."),
     json_out: Path = typer.Option(None, "--json", help="Write results as JSON."),
 ) -> None:
     """Perplexity (GPTQ protocol: non-overlapping windows) and zero-shot tasks via lm-eval."""

@@ -147,7 +147,7 @@ def test_transformers_from_pretrained_holds_the_lookup_layout_on_the_cpu(lookup,
 
 @pytest.mark.parametrize("flag,layout", [("--resident", "binary_lut"), ("--no-resident", "binary")])
 def test_eval_flag_chooses_the_layout_held(lookup, packs, monkeypatch, flag, layout):
-    """`arbq eval PACKED --no-resident` keeps the stored layout (its bf16 prefill panels are faster to multiply)."""
+    """`arbq eval PACKED --no-resident` keeps the stored layout (its bf16 prefill panels multiply a little faster)."""
     from typer.testing import CliRunner
 
     from arbq import cli
