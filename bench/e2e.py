@@ -17,7 +17,8 @@ lm_head are copied as stored (bf16). The packed dirs and the checkpoint are cach
 `measure` runs one variant in a fresh Python process (so its RSS holds that model only):
     dense-fp32 / dense-bf16      AutoModelForCausalLM.from_pretrained(dtype=...)
     packed-METHOD[-bf16]         arbq.packed.load(dir, dtype=fp32 | bf16) (manifest verified): packed linears
-                                 from the bits (the C++ CPU kernel), everything else in that dtype
+                                 from the bits (the C++ CPU kernel; a "binary" / RC "binary_nm" layer held in
+                                 the lookup's own layout, as every CPU load does), everything else in that dtype
 Per variant: load_s; RSS from /proc/self/status (VmRSS, RssAnon, RssFile; VmHWM for the peak) of the bare
 process (python, torch, transformers, arbq and the CPU kernel imported, model class imported, input ids
 built) = `rss_base_mb`, then `rss_load_mb` = VmRSS after loading − base, `rss_run_mb` = VmRSS after every
