@@ -168,3 +168,25 @@ def test_eval_flag_chooses_the_layout_held(lookup, packs, monkeypatch, flag, lay
                                        "--max-windows", "1", flag])
     assert res.exit_code == 0, res.output
     assert held["layouts"] == {layout}
+
+
+@pytest.mark.parametrize("nm", [None, "6:8", "4:8"])
+def test_a_resident_layer_moved_off_the_cpu_goes_back_to_its_stored_layout(monkeypatch, nm):
+    """`arbq.load(path).to("cuda")`: the GPU kernels read the stored layouts, so a layer held in the lookup's
+    layout is rearranged back (exactly: the stored tensors again) when it lands off the CPU. Emulated on the CPU by
+    declaring every tensor off-CPU; the rearrangement itself runs on the CPU either way."""
+    from arbq.kernels.bench import random_packed
+    from arbq.packed.layouts import lookup_form
+
+    p = random_packed(37, 128, "rc", True, nm=nm)
+    mod = BinaryLinear.from_packed(p)
+    mod.adopt(lookup_form(p), restore_off_cpu=True)
+    assert mod.spec.layout == ("binary_nm_lut" if nm else "binary_lut")
+    mod.to("cpu")                                                 # still on the CPU: kept
+    assert mod.spec.layout == ("binary_nm_lut" if nm else "binary_lut")
+    monkeypatch.setattr(BinaryLinear, "_off_cpu", staticmethod(lambda t: True))
+    mod.to("cpu")
+    assert mod.spec == p.spec and set(dict(mod.named_buffers())) == set(p.tensors)
+    assert all(torch.equal(getattr(mod, k), t) for k, t in p.tensors.items())
+    mod.to("cpu")                                                 # once back, it stays
+    assert mod.spec == p.spec

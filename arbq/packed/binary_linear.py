@@ -62,9 +62,12 @@ class BinaryLinear(nn.Module):
             mod.bias = bias.to(dev)
         return mod
 
-    def adopt(self, p: PackedLinear) -> None:
+    def adopt(self, p: PackedLinear, restore_off_cpu: bool = False) -> None:
         """Hold p (this layer's Ŵ in another layout, e.g. a kernel's resident form) instead of the current
-        tensors, which are released; what the kernels derived is rebuilt on the next call."""
+        tensors, which are released; what the kernels derived is rebuilt on the next call. restore_off_cpu: when
+        the module is later moved off the CPU (`.to("cuda")`), it goes back to the current layout, which the GPU
+        kernels read (layouts.from_lookup_form)."""
+        self._restore = self.spec.layout if restore_off_cpu else None
         if (p.spec.out_features, p.spec.in_features) != (self.out_features, self.in_features):
             raise ArbqError(f"cannot adopt a {p.spec.out_features}x{p.spec.in_features} layout in a "
                             f"{self.out_features}x{self.in_features} BinaryLinear")
@@ -76,6 +79,22 @@ class BinaryLinear(nn.Module):
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
         self._cache_key, self._cache, self._fast = (), {}, None
+
+    @staticmethod
+    def _off_cpu(t: torch.Tensor) -> bool:
+        return t.device.type != "cpu"
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module's (`.to`, `.cuda`, ...); a layer held in a CPU kernel's layout (adopt's restore_off_cpu) that
+        lands off the CPU goes back to its stored layout, rearranged on the CPU and moved to where it landed."""
+        out = super()._apply(fn, recurse)
+        restore = self.__dict__.get("_restore")
+        p = self.packed() if restore is not None else None
+        if p is not None and self._off_cpu(next(iter(p.tensors.values()))):
+            dev = next(iter(p.tensors.values())).device
+            q = layouts.from_lookup_form(PackedLinear(p.spec, {k: t.cpu() for k, t in p.tensors.items()}), restore)
+            self.adopt(PackedLinear(q.spec, {k: t.to(dev) for k, t in q.tensors.items()}))
+        return out
 
     def packed(self) -> PackedLinear:
         return PackedLinear(self.spec, {name: getattr(self, name) for name in self.spec.tensor_shapes()})

@@ -6,8 +6,8 @@ BinaryLinear and checks the checkpoint's keys and shapes against the model, so t
 unexpected tensor is an error instead of a silently random-initialised weight. Transformers may cast
 the floating packed values to the requested dtype; BinaryLinear reads whatever dtype it holds.
 With `device_map="cpu"` each packed linear is then held in the layout the CPU kernel reads in place (as
-`arbq.load` does on the CPU); without a device map the model may still be moved to a GPU, whose kernels read the
-stored layouts, so they are kept.
+`arbq.load` does on the CPU; a later move off the CPU restores the stored layouts); without a device map they are
+kept as stored.
 `arbq.load` is the direct path (keeps the stored dtypes of packed tensors).
 """
 

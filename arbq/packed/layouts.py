@@ -105,5 +105,16 @@ def lookup_form(p: PackedLinear, name: str = "linear") -> PackedLinear:
     return p
 
 
+# lookup form -> the layout it was rearranged from, and the exact inverse
+FROM_LOOKUP: dict[str, tuple[str, Callable[[PackedLinear], PackedLinear]]] = {
+    "binary_lut": ("binary", lut.to_binary), "binary_nm_lut": ("binary_nm", nm_lut.to_nm)}
+
+
+def from_lookup_form(p: PackedLinear, layout: str) -> PackedLinear:
+    """p back in `layout` when p is lookup_form's rearrangement of a layer stored so (the same tensors); else p."""
+    back = FROM_LOOKUP.get(p.spec.layout)
+    return back[1](p) if back is not None and back[0] == layout else p
+
+
 def validate(p: PackedLinear, name: str = "linear") -> None:
     layout_of(p.spec.layout).validate(p, name)

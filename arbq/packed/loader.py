@@ -185,7 +185,7 @@ def adopt_resident_forms(model: nn.Module, modules: dict) -> list[str]:
         p = mod.packed()
         q = kernels.resident_form(p, "cpu", name) if p.device.type == "cpu" else p
         if q is not p:
-            mod.adopt(q)
+            mod.adopt(q, restore_off_cpu=True)
             modules[name] = {**modules[name], "layout": q.spec.layout, "params": q.spec.to_params()}
             changed.append(name)
     return changed
@@ -253,8 +253,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     verify: check the sha256 manifest first (a flipped byte loads silently otherwise).
     resident: on the CPU, hold each packed linear in the layout its kernel reads in place (adopt_resident_forms:
     "binary" as binary_lut, the same bits; model.config.quantization_config then names the layout held);
-    False keeps the stored layouts (and the kernel builds its own copy where it needs one); a model meant for a
-    GPU is loaded with device="cuda" (or resident=False): the GPU kernels read the stored layouts.
+    False keeps the stored layouts (and the kernel builds its own copy where it needs one). A layer held so goes
+    back to its stored layout, which the GPU kernels read, when the model is moved off the CPU (BinaryLinear.adopt's
+    restore_off_cpu); device="cuda" loads it there as stored.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

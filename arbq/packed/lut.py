@@ -172,6 +172,11 @@ def binary_rows(p: PackedLinear, r0: int, r1: int) -> PackedLinear:
     return PackedLinear(replace(spec.binary, out_features=r1 - r0), t)
 
 
+def to_binary(p: PackedLinear) -> PackedLinear:
+    """The "binary" PackedLinear a binary_lut one was rearranged from (inverse of from_binary: the same tensors)."""
+    return binary_rows(p, 0, p.spec.out_features)
+
+
 def pack(res: Any, params: dict, scale_dtype: str, name: str = "linear") -> PackedLinear:
     """Pack a binary fit (LinearResult) as the binary layout does, then interleave it."""
     from arbq.packed.layouts import layout_of

@@ -29,7 +29,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.packed import lut, nm
 from arbq.packed.codec import PackedLinear
-from arbq.packed.format import BinaryBased, unpack_bits
+from arbq.packed.format import BinaryBased, pack_bits, unpack_bits
 from arbq.packed.lut import LANES
 from arbq.packed.nm import KEEP
 
@@ -125,6 +125,16 @@ def from_nm(p: PackedLinear, where: str = "linear",
     spec = NMLutSpec.of(p.spec, where)
     q = lut.from_binary(nm.binary_rows(p, 0, spec.out_features, expand), where)
     return PackedLinear(spec, {**q.tensors, KEEP: keep_bytes(p[KEEP], spec.row_groups)})
+
+
+def to_nm(p: PackedLinear) -> PackedLinear:
+    """The "binary_nm" PackedLinear a binary_nm_lut one was rearranged from (inverse of from_nm): sign and group
+    planes compacted to the kept positions again, the occupancy plane by rows."""
+    b, keep = lut.to_binary(as_lut(p)), keep_rows(p, 0, p.spec.out_features)
+    k = p.spec.in_features
+    planes = {name: nm.compact_plane(unpack_bits(b[name], k), keep).contiguous() for name in nm.COMPACT
+              if name in b.tensors}
+    return PackedLinear(p.spec.nm, {**b.tensors, **planes, KEEP: pack_bits(keep).contiguous()})
 
 
 def pack(res: nm.NMResult, params: dict, scale_dtype: str, name: str = "linear") -> PackedLinear:
