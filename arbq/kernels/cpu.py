@@ -31,6 +31,7 @@ from arbq.kernels import cpu_build
 from arbq.packed import lut, nm_lut
 from arbq.packed.codec import PackedLinear, decode_scales, full_col_scale
 from arbq.packed.format import pack_bits, unpack_bits
+from arbq.packed.layouts import lookup_form
 from arbq.packed.nm import KEEP, ROWS, expand_plane
 
 NAME = "cpu"
@@ -157,10 +158,9 @@ def prepare_lut(p: PackedLinear) -> dict:
     one; plus the salient column indices, the first salient of each block, the slot lanes and the column
     scales fp32 [4, K]; N:M: the keep bytes [N16, ⌈K/8⌉, 16] (arbq.packed.nm_lut). Values that are not fp16
     are converted to fp32 (values_scale applied): the one copy a binary_lut layer gets."""
-    if p.spec.layout == "binary_nm":        # the N:M lookup's load-time copy: the layer's binary_nm_lut form
-        p = nm_lut.from_nm(p, expand=_nm_expander(p.spec))
+    p = _lookup_form(p)          # a "binary" / "binary_nm" layer's load-time copy in the lookup's layout
     layout = p.spec.layout
-    q = p if layout == "binary_lut" else nm_lut.as_lut(p) if layout == "binary_nm_lut" else lut.from_binary(p)
+    q = nm_lut.as_lut(p) if layout == "binary_nm_lut" else p
     spec, sc = q.spec, q.spec.scheme
     k, bs = spec.in_features, spec.blocksize
     sidx = unpack_bits(q["salient"], k).nonzero()[:, 0]
@@ -199,9 +199,12 @@ def resident_form(p: PackedLinear, where: str = "linear") -> PackedLinear:
     the stored planes) as it is."""
     if p.spec.layout not in ("binary", "binary_nm") or _mode() not in TABLE_BITS or not lut_supported(p):
         return p
-    if p.spec.layout == "binary":
-        return lut.from_binary(p, where)
-    return nm_lut.from_nm(p, where, expand=_nm_expander(p.spec))
+    return _lookup_form(p, where)
+
+
+def _lookup_form(p: PackedLinear, where: str = "linear") -> PackedLinear:
+    """layouts.lookup_form with binary_nm's planes expanded by the kernel (nm_expand)."""
+    return lookup_form(p, where, _nm_expander(p.spec) if p.spec.layout == "binary_nm" else None)
 
 
 def lut_supported(p: PackedLinear) -> bool:

@@ -67,10 +67,10 @@ class BinaryLinear(nn.Module):
         tensors, which are released; what the kernels derived is rebuilt on the next call. restore_off_cpu: when
         the module is later moved off the CPU (`.to("cuda")`), it goes back to the current layout, which the GPU
         kernels read (layouts.from_lookup_form)."""
-        self._restore = self.spec.layout if restore_off_cpu else None
         if (p.spec.out_features, p.spec.in_features) != (self.out_features, self.in_features):
             raise ArbqError(f"cannot adopt a {p.spec.out_features}x{p.spec.in_features} layout in a "
                             f"{self.out_features}x{self.in_features} BinaryLinear")
+        self._restore = self.spec.layout if restore_off_cpu else None
         bias = self._buffers.pop("bias")
         for name in self.spec.tensor_shapes():
             del self._buffers[name]
@@ -89,11 +89,13 @@ class BinaryLinear(nn.Module):
         lands off the CPU goes back to its stored layout, rearranged on the CPU and moved to where it landed."""
         out = super()._apply(fn, recurse)
         restore = self.__dict__.get("_restore")
-        p = self.packed() if restore is not None else None
-        if p is not None and self._off_cpu(next(iter(p.tensors.values()))):
-            dev = next(iter(p.tensors.values())).device
+        if restore is None:
+            return out
+        p = self.packed()
+        first = next(iter(p.tensors.values()))
+        if self._off_cpu(first):
             q = layouts.from_lookup_form(PackedLinear(p.spec, {k: t.cpu() for k, t in p.tensors.items()}), restore)
-            self.adopt(PackedLinear(q.spec, {k: t.to(dev) for k, t in q.tensors.items()}))
+            self.adopt(PackedLinear(q.spec, {k: t.to(first.device) for k, t in q.tensors.items()}))
         return out
 
     def packed(self) -> PackedLinear:

@@ -95,13 +95,15 @@ def dequantize(p: PackedLinear, rows: int = ROWS_PER_TILE) -> torch.Tensor:
     return torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
 
 
-def lookup_form(p: PackedLinear, name: str = "linear") -> PackedLinear:
+def lookup_form(p: PackedLinear, name: str = "linear",
+                expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> PackedLinear:
     """p in the CPU lookup kernel's own layout where it has one (`arbq pack --interleave`): binary -> binary_lut
-    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column scales too); else p."""
+    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column scales too; `expand`:
+    nm.binary_rows' plane expansion); else p."""
     if p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
         return lut.from_binary(p, name)
     if p.spec.layout == "binary_nm" and nm_lut.supports(p.spec):
-        return nm_lut.from_nm(p, name)
+        return nm_lut.from_nm(p, name, expand)
     return p
 
 
