@@ -119,7 +119,6 @@ def test_lookup_int16_tables_round_only_the_inputs(ext):
     assert 10 * e32 < e16 < 1e-3
 
 
-
 @pytest.mark.parametrize("method,cgb", [("billm", False), ("x", True)])
 def test_lookup_int16_tables_without_column_scales_round_x_once(ext, method, cgb):
     """Schemes without column scales (z₀ = z₁ = x) build their three int16 tables (U, V and the group-1 sums X₁ of
@@ -147,6 +146,7 @@ def test_lookup_int16_tables_without_column_scales_round_x_once(ext, method, cgb
     assert _rel(got, want) < 2e-6
     exact = w @ x[0].double()
     assert 1e-6 < _rel(got, exact) < 1e-3
+
 
 @pytest.mark.parametrize("n,k,bs,sd", [(37, 200, 32, "fp16"), (16, 4100, 128, "fp16"), (21, 1100, 32, "fp16"),
                                        (33, 520, 64, "fp8"), (5, 64, 32, "bf16"), (11, 70, 96, "fp16")])

@@ -244,7 +244,7 @@ void lut_tile(const Lut& L, const LutCall& c, int64_t rg0, int64_t N, float* y_o
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i0 = (rg0 + r) * 16, n = std::min<int64_t>(16, N - i0);
-    if (n > 0) _mm512_mask_storeu_ps(y_out + i0, static_cast<__mmask16>((1u << n) - 1), y[r]);
+    if (n > 0) _mm512_mask_storeu_ps(y_out + i0, first_lanes(n), y[r]);
   }
 }
 

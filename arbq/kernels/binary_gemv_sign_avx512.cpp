@@ -150,7 +150,7 @@ void sign_tile(const SignLut& L, const void* tables, const float* steps, const f
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i0 = (rg0 + r) * 16, n = std::min<int64_t>(16, L.N - i0);
-    if (n > 0) _mm512_mask_storeu_ps(y_out + i0, static_cast<__mmask16>((1u << n) - 1), y[r]);
+    if (n > 0) _mm512_mask_storeu_ps(y_out + i0, first_lanes(n), y[r]);
   }
 }
 
