@@ -168,3 +168,25 @@ def test_resume_rewrites_model_fake_after_redoing_a_layer_and_accepts_older_reci
     run_binarize(str(tiny_llama_dir), tmp_path / "run", cfg, data=str(botchan), resume=True, **CAL)
     assert run.layer_complete(1) and (run.fake_dir / "config.json").stat().st_mtime_ns != stamp
     assert not list(tmp_path.glob("run/model-fake.*"))
+
+
+def test_a_run_recorded_before_exact_compensation_resumes_only_as_it_was_made(tmp_path, tiny_llama_dir, botchan):
+    """A run.json without `compensation` was binarized with the diagonal compensation: resuming it with the new
+    default (exact) would mix the two in one model, so it is refused; --compensation diagonal resumes it."""
+    import json
+    from dataclasses import replace
+
+    from arbq.errors import ArbqError
+
+    cfg = BinarizeConfig(method="rc", blocksize=32, iters=1)
+    run_binarize(str(tiny_llama_dir), tmp_path / "run", cfg, data=str(botchan), **CAL)
+    run = RunDir(tmp_path / "run")
+    info = json.loads(run.run_json.read_text())
+    del info["recipe"]["compensation"]
+    run.run_json.write_text(json.dumps(info))
+    run.layer_path(1).unlink()
+    with pytest.raises(ArbqError, match="recipe differs .compensation: diagonal vs exact."):
+        run_binarize(str(tiny_llama_dir), tmp_path / "run", cfg, data=str(botchan), resume=True, **CAL)
+    run_binarize(str(tiny_llama_dir), tmp_path / "run", replace(cfg, compensation="diagonal"), data=str(botchan),
+                 resume=True, **CAL)
+    assert run.layer_complete(1)

@@ -78,5 +78,5 @@ def _record(strategy: BinaryMethod) -> MethodRecord:
 # recipe keys these methods read (others are refused in a per-module override for them)
 BINARY_KEYS = ("cgb", "iters", "x_iters", "search_iters", "search_fit", "split_error", "blocksize", "percdamp",
                "salient", "max_salient", "group_split", "split_points", "regroup", "search_on", "split_quantiles",
-               "scale_dtype")
+               "scale_dtype", "compensation")
 RECORDS = [_record(s) for s in STRATEGIES.values()]

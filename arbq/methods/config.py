@@ -18,7 +18,8 @@ GLOBAL_KEYS = ("sequential", "true_sequential", "overrides", "ignore", "nm_cfs",
 CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"),
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
            "scale_dtype": ("fp16", "bf16", "fp32", "fp8"), "salient": ("hessian", "magnitude"),
-           "nm_metric": ("hessian", "wanda"), "tune_target": ("layer", "model"), "nm_base": ("rc", "x", "arb", "billm")}
+           "nm_metric": ("hessian", "wanda"), "tune_target": ("layer", "model"), "nm_base": ("rc", "x", "arb", "billm"),
+           "compensation": ("exact", "diagonal")}
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class BinarizeConfig:
     split_error:   error that scores the non-salient split: "weight" ‖W − Ŵ‖² or "output"
                    tr(R S Rᵀ) of the whole block's residual (the reference's choice for ARB-X)
     blocksize:     columns per block of the GPTQ-style loop (paper: 128)
+    compensation:  binary methods: the errors a finished block pushes to the later columns
+                   (arbq.methods.gptq.block_errors): "exact" (arbq's: Err = (W_b − Q)·U_b⁻¹, GPTQ's column
+                   recursion with the block's Q fixed; output error 11–15% lower than the reference's on the
+                   fixture's layers) or "diagonal" (the BiLLM / ARB-LLM reference code's Err = (W_b − Q)/diag U_b)
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
     max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49); 0 = no salient
@@ -104,6 +109,7 @@ class BinarizeConfig:
     search_fit: str = "plain"
     split_error: str = "weight"
     blocksize: int = 128
+    compensation: str = "exact"
     percdamp: float = 0.01
     salient: str = "hessian"
     max_salient: int = 49
@@ -242,8 +248,10 @@ class BinarizeConfig:
 
     @classmethod
     def from_dict(cls, recipe: dict) -> BinarizeConfig:
-        """A recorded recipe (run.json), older ones completed with the defaults of keys added since."""
-        return cls().replace(**recipe)
+        """A recorded recipe (run.json), older ones completed with the defaults of keys added since, except
+        where a key's default changed what the code did: a run recorded before `compensation` existed was made
+        with the diagonal compensation."""
+        return cls().replace(**({"compensation": "diagonal"} | recipe))
 
 
 def target_matches(target: str, name: str) -> bool:

@@ -5,7 +5,7 @@ For W: [N, K] and H = (2/n) Σ xᵀx: [K, K]:
   2. H ← H + λ·mean(diag H)·I; on Cholesky failure λ ← 10λ and retry
   3. U = upper Cholesky factor of H⁻¹
   4. per block [s, e): masks and fits from the compensated W[:, s:e]; Q = Ŵ;
-     Err = (W[:, s:e] − Q) / diag(U)[s:e];  W[:, e:] −= Err · U[s:e, e:]
+     Err = block_errors(W[:, s:e] − Q, U[s:e, s:e]);  W[:, e:] −= Err · U[s:e, e:]
 """
 
 from __future__ import annotations
@@ -96,6 +96,22 @@ def error_row(W0: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None, name
     return row
 
 
+def block_errors(E: torch.Tensor, Ub: torch.Tensor, compensation: str) -> torch.Tensor:
+    """The errors Err [N, C] a block pushes to the later columns (W[:, later] −= Err · U[block, later]) once
+    all of its C columns are fixed at Q, from E = W_b − Q: [N, C] and the block's part U_b: [C, C] of U.
+
+    "exact":    Err = E · U_b⁻¹ (a triangular solve). This is GPTQ's column recursion with Q fixed in advance,
+                err_j = (w'_j − q_j) / U_jj with w' the block's weights after the updates of the columns before
+                j, and it leaves the optimal later columns for the block's Q: the loss that remains is
+                ‖E · U_b⁻¹‖² per row, the minimum over the later columns.
+    "diagonal": Err = E / diag(U_b), the BiLLM / ARB-LLM reference code's (the updates inside the block are
+                dropped, so the later columns are compensated as if U_b were diagonal).
+    """
+    if compensation == "diagonal":
+        return E / torch.diag(Ub)[None, :]
+    return torch.linalg.solve_triangular(Ub, E, upper=True, left=False)
+
+
 def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig, name: str = "linear",
                     strategy: BinaryMethod | None = None) -> tuple[LinearResult, dict]:
     """Binarize W: [N, K] with the binary strategy of `cfg.method` (or `strategy`); H: [K, K] (None only
@@ -132,8 +148,7 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         fit = round_scales(fit_block(Wb, salient, group, S, method, cfg), cfg.scale_dtype)
         blocks.append(fit)
         if U is not None:
-            err = (Wb - fit.w_hat) / d[None, :]
-            W[:, e:] -= err @ U[s:e, e:]
+            W[:, e:] -= block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
     res = stored(_assemble(blocks, B), strategy.scheme_params(cfg), cfg.scale_dtype)
     What = res.dequantize()

@@ -16,9 +16,10 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
   nm_reprune R: R Lloyd rounds over the positions after the last step (`best_positions`: in every run of M
      keep the N weights whose zero costs most against their nearest binary level, re-fit; a round is kept
      only if the block's weighted error Σ c_j (w_ij − ŵ_ij)² went down) — a pruned weight can come back
-  compensation: Err = (W_b − Ŵ)/d with Ŵ = 0 at pruned entries, W[:, later] −= Err·U[b, later]
+  compensation: Err = gptq.block_errors(W_b − Ŵ) with Ŵ = 0 at pruned entries, W[:, later] −= Err·U[b, later]
   (nm_compensate: after each step, `compensate_pruned` moves the block's later survivors by the OBS updates of
-   what that step pruned, and the errors it applied inside the block are added to Err for the later blocks)
+   what that step pruned, and the errors it applied inside the block are added to Err for the later blocks:
+   with W_b' = W_b − E·U_b the updated block, (W_b − Ŵ)·U_b⁻¹ = (W_b' − Ŵ)·U_b⁻¹ + E, so the sum is exact)
   (nm_stepwise false: all M − N entries of a run pruned at once by Δ⁰ — the one-shot ablation)
 
 stbllm (the prune-then-binarize baseline): the N:M mask of the whole W from the same metric on the
@@ -38,7 +39,7 @@ from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import _assemble, error_row, inverse_cholesky, prepare_problem, stored
+from arbq.methods.gptq import _assemble, block_errors, error_row, inverse_cholesky, prepare_problem, stored
 from arbq.methods.record import MethodRecord
 from arbq.packed.nm import NMResult
 
@@ -234,7 +235,7 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         fit.w_hat = fit.w_hat * keep
         blocks.append(fit)
         keeps.append(keep)
-        err = (Wb - fit.w_hat) / d[None, :] + owed
+        err = block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) + owed
         W[:, e:] -= err @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
     res = NMResult(stored(_assemble(blocks, B), _layout_params(cfg), cfg.scale_dtype), torch.cat(keeps, 1), n, m)

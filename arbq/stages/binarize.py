@@ -118,8 +118,17 @@ def _check_run(run: RunDir, info: dict, resume: bool) -> None:
             raise ArbqError(f"{run.root} already holds a run; pass --resume to continue it or choose a new -o")
         for key in ("model", "recipe", "calib", "hessian_dtype"):
             if old.get(key) != info.get(key):
-                raise ArbqError(f"cannot resume {run.root}: its {key} differs ({old.get(key)} vs {info.get(key)})")
+                diff = _difference(old.get(key), info.get(key))
+                raise ArbqError(f"cannot resume {run.root}: its {key} differs ({diff})")
         cal.check_identity(run.root, old.get("model_identity"), info["model_identity"])
+
+
+def _difference(old, new) -> str:
+    """"A vs B", or for two recipes only the keys that differ: "compensation: diagonal vs exact"."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return "; ".join(f"{k}: {old.get(k)} vs {new.get(k)}" for k in keys)
+    return f"{old} vs {new}"
 
 
 def run_binarize(model: str, out: Path, *args, **kwargs) -> list[dict]:
