@@ -154,39 +154,47 @@ def test_fit_is_n_of_m_and_packs_exactly(problem, method, nm):
 
 
 def test_stepwise_pruning_beats_prune_then_binarize(problem):
-    """The fixed synthetic layer (1 thread): pbs2p's output error is below stbllm's at every N:M and the
-    one-shot-per-block ablation sits in between at 4:8; the values are pinned within 5%."""
+    """The fixed synthetic layer (1 thread, exact compensation): pbs2p's output error is below stbllm's at every
+    N:M, the recipe's settings (re-pruning, regroup 2) are the lowest at every N:M, and at 6:8 pbs2p is below the
+    dense binarization; the values are pinned within 5%. (Without re-pruning, the one-shot-per-block ablation is
+    below the stepwise fit at 5:8 and 4:8 with this compensation: 0.0305 vs 0.0323, 0.0396 vs 0.0431; it was
+    above it with the diagonal one.)"""
     err = {}
     for nm in ("6:8", "5:8", "4:8"):
         err["pbs2p", nm] = _fit(problem, "pbs2p", nm=nm, cgb=True)[0][1]["output_err"]
         err["stbllm", nm] = _fit(problem, "stbllm", nm=nm, cgb=True)[0][1]["output_err"]
-        assert err["pbs2p", nm] < err["stbllm", nm]
-    once = _fit(problem, "pbs2p", nm="4:8", cgb=True, nm_stepwise=False)[0][1]["output_err"]
-    assert err["pbs2p", "4:8"] <= once * 1.0001 and once < err["stbllm", "4:8"]
+        once = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_stepwise=False)[0][1]["output_err"]
+        recipe = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_reprune=1, regroup=2)[0][1]["output_err"]
+        stbllm_recipe = _fit(problem, "stbllm", nm=nm, cgb=True, regroup=2)[0][1]["output_err"]
+        assert err["pbs2p", nm] < err["stbllm", nm] and once < err["stbllm", nm]
+        assert recipe < min(err["pbs2p", nm], once) and recipe < 0.7 * stbllm_recipe
+    assert err["pbs2p", "6:8"] < _fit(problem, "pbs2p", nm="6:8", cgb=True, nm_stepwise=False)[0][1]["output_err"]
     dense = _fit(problem, "rc", cgb=True)[0][1]["output_err"]
     assert err["pbs2p", "6:8"] < dense           # pruning 25% with re-fitting beats the dense binarization
     for key, want in PINNED.items():
         assert err[key] == pytest.approx(want, rel=0.05), key
 
 
-# measured (1 thread); dense rc+cgb on the same layer: 0.0392962 (pbs2p 6:8 is below it, as the paper claims)
-PINNED = {("pbs2p", "6:8"): 0.0354032, ("stbllm", "6:8"): 0.0459150, ("pbs2p", "5:8"): 0.0398152,
-          ("stbllm", "5:8"): 0.0484855, ("pbs2p", "4:8"): 0.0496912, ("stbllm", "4:8"): 0.0653539}
+# measured (1 thread, exact compensation); dense rc+cgb on the same layer: 0.0334565 (pbs2p 6:8 is below it, as
+# the paper claims); the recipe's settings: pbs2p 0.0173 / 0.0222 / 0.0322 vs stbllm 0.0328 / 0.0380 / 0.0523
+PINNED = {("pbs2p", "6:8"): 0.0246514, ("stbllm", "6:8"): 0.0397050, ("pbs2p", "5:8"): 0.0323262,
+          ("stbllm", "5:8"): 0.0444628, ("pbs2p", "4:8"): 0.0431089, ("stbllm", "4:8"): 0.0639833}
 
 
-def test_in_block_compensation_lowers_the_pruning_error(problem):
-    """nm_compensate (OBS updates of what each step prunes onto the block's later survivors) lowers pbs2p's
-    output error on the fixed synthetic layer at every N:M; pinned within 5% (measured 0.954× / 0.931× /
-    0.884× of the uncompensated fit at 6:8 / 5:8 / 4:8)."""
+def test_in_block_compensation_lowers_the_pruning_error_where_more_is_pruned(problem):
+    """nm_compensate (OBS updates of what each step prunes onto the block's later survivors) on the fixed
+    synthetic layer, pinned within 5%: with the exact block compensation it lowers pbs2p's output error at 5:8
+    and 4:8 (0.824× / 0.825× of the uncompensated fit) and raises it at 6:8 (1.098×); with the diagonal one it
+    lowered it at all three (0.954× / 0.931× / 0.884×)."""
     for nm, want in COMPENSATED.items():
         (res, row), _ = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_compensate=True)
         n, m = map(int, nm.split(":"))
         assert (res.keep.reshape(res.keep.shape[0], -1, m).sum(-1) == n).all()
-        assert row["output_err"] < PINNED["pbs2p", nm]
+        assert (row["output_err"] < PINNED["pbs2p", nm]) == (nm != "6:8")
         assert row["output_err"] == pytest.approx(want, rel=0.05), nm
 
 
-COMPENSATED = {"6:8": 0.0337855, "5:8": 0.0370631, "4:8": 0.0439048}
+COMPENSATED = {"6:8": 0.0270614, "5:8": 0.0266294, "4:8": 0.0355671}
 
 
 def _brute_force_positions(W, fit, c, n, m, cgb):
@@ -246,23 +254,23 @@ def test_best_positions_minimise_each_runs_error(problem, nm, cgb):
 def test_repruning_lowers_the_error_and_keeps_n_of_m(problem):
     """nm_reprune (one Lloyd round over the N:M positions after the last step, quick fits between the steps,
     regroup 2 as in the recipe) on the fixed synthetic layer: exactly N of every M kept, packs exactly, output
-    error pinned within 3% and below the same recipe without it (measured 0.933× / 0.988× / 0.975× at
-    6:8 / 5:8 / 4:8)."""
+    error pinned within 3% and below the same recipe without it (measured 0.838× / 0.901× / 0.948× at
+    6:8 / 5:8 / 4:8 with the exact block compensation; 0.933× / 0.988× / 0.975× with the diagonal one)."""
     for nm, (without, want) in REPRUNED.items():
         (res, row), cfg = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2, nm_reprune=1)
         base = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2)[0][1]["output_err"]
         _assert_n_of_m_and_packs_exactly(res, cfg, "pbs2p", nm)
         assert base == pytest.approx(without, rel=0.03), nm
         assert row["output_err"] == pytest.approx(want, rel=0.03), nm
-        assert row["output_err"] < base * {"6:8": 0.95, "5:8": 0.995, "4:8": 0.99}[nm]
+        assert row["output_err"] < base * {"6:8": 0.87, "5:8": 0.93, "4:8": 0.975}[nm]
 
 
-REPRUNED = {"6:8": (0.0265709, 0.0247806), "5:8": (0.0290056, 0.0286570), "4:8": (0.0409785, 0.0399336)}
+REPRUNED = {"6:8": (0.0207112, 0.0173482), "5:8": (0.0246908, 0.0222474), "4:8": (0.0339033, 0.0321572)}
 
 
 def test_substeps_keep_n_of_m_and_pin_the_error(problem):
     """nm_substeps 2 (each step in two sub-masks, regroup 2) on the fixed synthetic layer: exactly N of every M
-    kept, packs exactly, output error pinned within 3% (measured 0.989× / 1.030× / 0.987× of one sub-mask per
+    kept, packs exactly, output error pinned within 3% (measured 1.029× / 0.963× / 1.007× of one sub-mask per
     step at 6:8 / 5:8 / 4:8: the sub-mask split is neutral here, and off in the recipe)."""
     for nm, want in SUBSTEPS.items():
         (res, row), cfg = _fit(problem, "pbs2p", nm=nm, cgb=True, regroup=2, nm_substeps=2)
@@ -270,7 +278,7 @@ def test_substeps_keep_n_of_m_and_pin_the_error(problem):
         assert row["output_err"] == pytest.approx(want, rel=0.03), nm
 
 
-SUBSTEPS = {"6:8": 0.0262732, "5:8": 0.0298813, "4:8": 0.0404469}
+SUBSTEPS = {"6:8": 0.0213140, "5:8": 0.0237859, "4:8": 0.0341379}
 
 
 @pytest.mark.parametrize("bad,msg", [({"nm": "8:8"}, "nm"), ({"nm": "six:8"}, "nm"), ({"nm_metric": "l2"}, "nm_metric"),

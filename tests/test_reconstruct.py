@@ -196,7 +196,7 @@ def test_tuned_fp8_run_packs_exactly_and_resumes_bit_for_bit(tiny_llama_dir, bot
     monkeypatch.setenv("ARBQ_KERNEL", "torch")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("binarize:\n  method: rc\n  cgb: true\n  blocksize: 32\n  max_salient: 8\n  regroup: 1\n"
-                      f"  scale_dtype: fp8\n  tune_epochs: 2\n  tune_lr: 0.005\n  tune_target: {target}\n")
+                      f"  scale_dtype: fp8\n  tune_epochs: 2\n  tune_lr: 0.01\n  tune_target: {target}\n")
     run, packed = tmp_path / "run", tmp_path / "packed"
     args = [tiny_llama_dir, "--recipe", recipe, "--data", botchan, "--nsamples", "4", "--seqlen", "32"]
     r = arbq_cli("binarize", "-o", run, *args)
