@@ -70,7 +70,7 @@ def main() -> None:
         key = f"{method}{'+cgb' if cgb else ''}"
         res = random_result(40, 100, method, cgb, blocksize=32, seed=3)
         rnd = tensor_hashes(pack_linear(res, scheme_for(method, cgb), "fp16").tensors)
-        cfg = BinarizeConfig(method=method, cgb=cgb, blocksize=64).checked()
+        cfg = BinarizeConfig(method=method, cgb=cgb, blocksize=64, compensation="diagonal").checked()
         fit, row = binarize_linear(W, H, cfg)
         real = tensor_hashes(pack_linear(fit, scheme_for(method, cgb), "fp16").tensors)
         golden[key] = {"random_packed": rnd, "binarized_packed": real, "weight_err": row["weight_err"],
