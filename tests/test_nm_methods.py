@@ -163,12 +163,12 @@ def test_stepwise_pruning_beats_prune_then_binarize(problem):
     for nm in ("6:8", "5:8", "4:8"):
         err["pbs2p", nm] = _fit(problem, "pbs2p", nm=nm, cgb=True)[0][1]["output_err"]
         err["stbllm", nm] = _fit(problem, "stbllm", nm=nm, cgb=True)[0][1]["output_err"]
-        once = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_stepwise=False)[0][1]["output_err"]
+        err["once", nm] = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_stepwise=False)[0][1]["output_err"]
         recipe = _fit(problem, "pbs2p", nm=nm, cgb=True, nm_reprune=1, regroup=2)[0][1]["output_err"]
         stbllm_recipe = _fit(problem, "stbllm", nm=nm, cgb=True, regroup=2)[0][1]["output_err"]
-        assert err["pbs2p", nm] < err["stbllm", nm] and once < err["stbllm", nm]
-        assert recipe < min(err["pbs2p", nm], once) and recipe < 0.7 * stbllm_recipe
-    assert err["pbs2p", "6:8"] < _fit(problem, "pbs2p", nm="6:8", cgb=True, nm_stepwise=False)[0][1]["output_err"]
+        assert err["pbs2p", nm] < err["stbllm", nm] and err["once", nm] < err["stbllm", nm]
+        assert recipe < min(err["pbs2p", nm], err["once", nm]) and recipe < 0.7 * stbllm_recipe
+    assert err["pbs2p", "6:8"] < err["once", "6:8"]
     dense = _fit(problem, "rc", cgb=True)[0][1]["output_err"]
     assert err["pbs2p", "6:8"] < dense           # pruning 25% with re-fitting beats the dense binarization
     for key, want in PINNED.items():

@@ -21,6 +21,10 @@ CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"
            "nm_metric": ("hessian", "wanda"), "tune_target": ("layer", "model"), "nm_base": ("rc", "x", "arb", "billm"),
            "compensation": ("exact", "diagonal")}
 
+# keys added with a default that differs from what the code did before them: the value a recorded run without
+# the key was made with (a run made before `compensation` existed used the diagonal compensation)
+BEFORE_KEY = {"compensation": "diagonal"}
+
 
 @dataclass(frozen=True)
 class BinarizeConfig:
@@ -249,10 +253,9 @@ class BinarizeConfig:
 
     @classmethod
     def from_dict(cls, recipe: dict) -> BinarizeConfig:
-        """A recorded recipe (run.json), older ones completed with the defaults of keys added since, except
-        where a key's default changed what the code did: a run recorded before `compensation` existed was made
-        with the diagonal compensation."""
-        return cls().replace(**({"compensation": "diagonal"} | recipe))
+        """A recorded recipe (run.json), older ones completed with the defaults of keys added since, or with
+        BEFORE_KEY's value where the key's default changed what the code did."""
+        return cls().replace(**(BEFORE_KEY | recipe))
 
 
 def target_matches(target: str, name: str) -> bool:
