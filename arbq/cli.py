@@ -103,7 +103,7 @@ def binarize(
     from arbq.methods.config import load_recipe
     from arbq.stages.binarize import run_binarize
 
-    cfg = load_recipe(recipe).replace(
+    cfg = load_recipe(recipe).with_flags(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
         split_error=split_error, bits=bits, group=group, act_order=act_order, keep_columns=keep_columns,
         nm=nm, nm_metric=nm_metric, nm_cfs=nm_cfs, blocksize=blocksize, compensation=compensation,

@@ -137,3 +137,14 @@ def test_stacked_override_on_a_module_whose_method_does_not_read_it_is_refused_b
 
 def test_shipped_recipes_are_found_by_name():
     assert load_recipe("rc-cgb").label() == "rc+cgb" and load_recipe("sign").method == "sign"
+
+
+def test_a_flag_only_other_methods_read_is_refused_unless_an_override_method_reads_it():
+    with pytest.raises(ArbqError, match="bits is read by gptq, not by method rc"):
+        BinarizeConfig().with_flags(bits=3)
+    with pytest.raises(ArbqError, match="nm_cfs is read by pbs2p, stbllm, not by method rc"):
+        BinarizeConfig().with_flags(nm_cfs=1, cgb=True)
+    mixed = BinarizeConfig().replace(overrides=[{"targets": ["down_proj"], "method": "gptq"}])
+    assert mixed.with_flags(bits=3).with_override(mixed.overrides[0]).bits == 3   # the override inherits it
+    assert BinarizeConfig().with_flags(bits=None, tune_epochs=2, sequential=True).tune_epochs == 2   # stage keys
+    assert BinarizeConfig(method="pbs2p").with_flags(nm="5:8", nm_cfs=1).nm_cfs == 1

@@ -136,6 +136,14 @@ def test_cli_bad_inputs(tmp_path, tiny_llama_dir, botchan, arbq_cli):
                        "--seqlen", 100000), "context length")
     one_line_error(cli("binarize", tiny_llama_dir, "-o", tmp_path / "r", "--method", "magic"), "unknown method")
     one_line_error(cli("binarize", tiny_llama_dir, "-o", tmp_path / "r", "--recipe", "nope"), "recipe not found")
+    # a flag only other methods read is refused, not silently dropped (before any calibration)
+    one_line_error(cli("binarize", tiny_llama_dir, "-o", tmp_path / "r", "--method", "rc", "--nm", "6:8"),
+                   "nm is read by pbs2p, stbllm, not by method rc")
+    one_line_error(cli("binarize", tiny_llama_dir, "-o", tmp_path / "r", "--recipe", "rc-cgb", "--nm-cfs", "1"),
+                   "nm_cfs is read by pbs2p, stbllm, not by method rc")
+    one_line_error(cli("binarize", tiny_llama_dir, "-o", tmp_path / "r", "--recipe", "gptq-3b-g64", "--cgb"),
+                   "cgb is read by")
+    assert not (tmp_path / "r").exists()
     gpt2 = tmp_path / "gpt2"
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -154,6 +154,23 @@ class BinarizeConfig:
         vals.update({k: v for k, v in overrides.items() if v is not None})
         return BinarizeConfig(**vals).checked()
 
+    def with_flags(self, **flags: Any) -> BinarizeConfig:
+        """`replace` for keys a user named (the CLI's flags; None = not given), where a key that only other
+        methods read is an error instead of a silent no-op (`--nm 6:8 --method rc`). A key counts as read if
+        the recipe's method or a per-module override's method reads it (MethodRecord.reads); keys no method
+        lists (method, sequential, tune_*, ...) are read by the stage."""
+        from arbq.methods.registry import METHODS
+
+        cfg = self.replace(**flags)
+        used = {cfg.method} | {o["method"] for o in cfg.overrides if "method" in o}
+        read = frozenset().union(*(METHODS[m].reads for m in used))
+        for key in sorted(k for k, v in flags.items() if v is not None and k not in read):
+            readers = [name for name, rec in METHODS.items() if key in rec.reads]
+            if readers:
+                raise ArbqError(f"recipe: {key} is read by {', '.join(readers)}, not by method "
+                                f"{' / '.join(sorted(used))}; drop it or choose one of those methods")
+        return cfg
+
     def checked(self) -> BinarizeConfig:
         """Types, ranges and choices of every key (one line naming the bad key), the method's own checks,
         and every override resolved and checked the same way."""

@@ -287,7 +287,8 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
                             "before binarizing and does not read them")
 
     return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
-                        result_type=NMResult, keys=NM_KEYS, check=check, label=label, layer_plan=plan)
+                        result_type=NMResult, keys=NM_KEYS, check=check, label=label, layer_plan=plan,
+                        plan_keys=("nm_cfs",))
 
 
 RECORDS = [

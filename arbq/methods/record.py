@@ -26,7 +26,8 @@ class MethodRecord:
     check: extra recipe validation (raises ArbqError); label: cfg -> how reports name the method of a module
     (default: the name, plus "+cgb" when the layout params use CGB); layer_plan: (cfg, influence) -> per
     decoder layer the recipe keys to set for that layer's modules, or None (influence() reads the layers'
-    calibration scores, only when asked: arbq.methods.cfs)."""
+    calibration scores, only when asked: arbq.methods.cfs); plan_keys: the recipe keys only layer_plan
+    reads (model-wide, so no per-module override may set them)."""
 
     name: str
     summary: str
@@ -39,3 +40,9 @@ class MethodRecord:
     check: Callable[[Any], None] | None = None
     label: Callable[[Any], str] | None = None
     layer_plan: Callable[[Any, Callable[[], list[float]]], list[dict] | None] | None = None
+    plan_keys: tuple[str, ...] = ()
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """Every recipe key this method reads: its per-module keys and its layer plan's."""
+        return frozenset(self.keys) | frozenset(self.plan_keys)
