@@ -183,7 +183,7 @@ def test_cli_missing_model_subprocess(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_dataset", "empty_text", "seqlen_too_long", "unknown_task",
-                                  "nothing_to_do"])
+                                  "nothing_to_do", "limit_without_tasks", "windows_without_texts"])
 def test_cli_bad_input(case, tiny_dir, tmp_path, monkeypatch, capsys):
     """`arbq.cli.main` in-process: exit code 2 and one `error:` line, no traceback."""
     empty = tmp_path / "empty.txt"
@@ -194,6 +194,8 @@ def test_cli_bad_input(case, tiny_dir, tmp_path, monkeypatch, capsys):
         "seqlen_too_long": (["--ppl", str(empty), "--seqlen", "4096"], "model's context (512"),
         "unknown_task": (["--ppl", "", "--tasks", "no_such_task_xyz"], "unknown lm-eval task"),
         "nothing_to_do": (["--ppl", ""], "nothing to evaluate"),
+        "limit_without_tasks": (["--ppl", str(empty), "--limit", "5"], "--limit acts on --tasks, and none were given"),
+        "windows_without_texts": (["--ppl", "", "--tasks", "x", "--max-windows", "1"], "--max-windows acts on --ppl"),
     }[case]
     monkeypatch.setattr(sys, "argv", ["arbq", "eval", str(tiny_dir), *args])
     with pytest.raises(SystemExit) as exc:

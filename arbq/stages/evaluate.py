@@ -108,6 +108,10 @@ def run_eval(model: str, ppl: list[str], tasks: list[str], include_path: Path | 
     """
     if not ppl and not tasks:
         raise ArbqError("nothing to evaluate: give --ppl texts and/or --tasks")
+    for flag, value, what, given in (("--limit", limit, "--tasks", tasks), ("--include-path", include_path, "--tasks",
+                                     tasks), ("--max-windows", max_windows, "--ppl texts", ppl)):
+        if value is not None and not given:
+            raise ArbqError(f"{flag} acts on {what}, and none were given")
     console = console or Console()
     net, tok = load_for_eval(model, device, resident)
     spinner = Console(stderr=True)  # progress (drawn only on a terminal)
