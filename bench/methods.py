@@ -37,6 +37,7 @@ METHODS: dict[str, tuple[str | None, dict]] = {
     "rc-nosplit-tuned": ("rc-nosplit-tuned", {}),            # ≈ 1.4 bits: no group plane, reconstruction
     # N:M pruning with binarization (issue 14): the stepwise method and the prune-then-binarize baseline
     **{f"{meth}-{n}of8": (meth, {"nm": f"{n}:8"}) for meth in ("pbs2p", "stbllm") for n in (6, 5, 4)},
+    **{f"{meth}-2of4": (meth, {"nm": "2:4"}) for meth in ("pbs2p", "stbllm")},   # the GPU sparse-core pattern
     "pbs2p-6of8-tuned": ("pbs2p-tuned", {}),                # pbs2p 6:8 + block-wise reconstruction, same bits
     "stbllm-6of8-tuned": ("stbllm", {"tune_epochs": 4, "tune_lr": 0.01, "tune_target": "model"}),
     # STBLLM's own binarizer family (BiLLM's structure; its trisection is not built) under the same one-shot mask
