@@ -108,8 +108,9 @@ def run_eval(model: str, ppl: list[str], tasks: list[str], include_path: Path | 
     """
     if not ppl and not tasks:
         raise ArbqError("nothing to evaluate: give --ppl texts and/or --tasks")
-    for flag, value, what, given in (("--limit", limit, "--tasks", tasks), ("--include-path", include_path, "--tasks",
-                                     tasks), ("--max-windows", max_windows, "--ppl texts", ppl)):
+    acts_on = (("--limit", limit, "--tasks", tasks), ("--include-path", include_path, "--tasks", tasks),
+               ("--max-windows", max_windows, "--ppl texts", ppl))
+    for flag, value, what, given in acts_on:
         if value is not None and not given:
             raise ArbqError(f"{flag} acts on {what}, and none were given")
     console = console or Console()
