@@ -19,7 +19,7 @@ CHOICES = {"search_fit": ("plain", "method"), "search_on": ("weight", "salience"
            "split_quantiles": ("members", "with_zeros"), "split_error": ("weight", "output"),
            "scale_dtype": ("fp16", "bf16", "fp32", "fp8"), "salient": ("hessian", "magnitude"),
            "nm_metric": ("hessian", "wanda"), "tune_target": ("layer", "model"), "nm_base": ("rc", "x", "arb", "billm"),
-           "compensation": ("exact", "diagonal")}
+           "compensation": ("exact", "diagonal"), "nm_masks": ("dense", "pruned")}
 
 # keys added with a default that differs from what the code did before them: the value a recorded run without
 # the key was made with (a run made before `compensation` existed used the diagonal compensation)
@@ -85,6 +85,9 @@ class BinarizeConfig:
     nm_substeps:   pbs2p: sub-masks per pruning step (τ = nm_substeps · (M − N)): sub-step i of step t prunes
                    the t-th weight in the runs of lowest cost of each row until i/nm_substeps of the row's runs
                    have lost it, re-fitting in between; 1 = one weight in every run per step
+    nm_masks:      pbs2p: where the salient columns and the group split are chosen: "dense" on the block before
+                   any pruning (the paper's step 0); "pruned" on the block with its one-shot N:M mask (the same
+                   score as stbllm's) zeroed, as stbllm chooses them on its pruned weights
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
@@ -136,6 +139,7 @@ class BinarizeConfig:
     nm_cfs: int = 0
     nm_reprune: int = 0
     nm_substeps: int = 1
+    nm_masks: str = "dense"
     tune_epochs: int = 0
     tune_lr: float = 1e-3
     tune_target: str = "layer"

@@ -7,7 +7,9 @@ picks another binary strategy) and store them in the "binary_nm" layout (arbq.pa
 
 pbs2p (SPBO, stepwise pruning with binarization optimization), per column block of the GPTQ loop on the
 error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H⁻¹):
-  0. masks (salient columns, group bits) and the dense fit Ŵ⁰ of the block
+  0. masks (salient columns, group bits) and the dense fit Ŵ⁰ of the block (nm_masks "pruned": the masks are
+     chosen on the block with its one-shot N:M mask by w_ij² · c_j zeroed, as stbllm chooses them on its
+     pruned weights; the steps below still prune by Δ)
   t = 1 … M − N: in each row and run of M columns, prune the kept entry whose removal costs least given the
      current binarization,  Δ_ij = (w_ij² − (w_ij − ŵ_ij)²) · c_j,  c_j = 1/d_j² ("hessian", OBS's weight of
      column j) or H_jj ∝ ‖X_j‖² ("wanda"); then re-fit every group on the survivors (ARB iterations)
@@ -211,7 +213,8 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         e = min(s + B, K)
         Wb, d, S = W[:, s:e], d_all[s:e], H[s:e, s:e]
         c = column_weight(cfg.nm_metric, d, hdiag[s:e])[None, :]
-        salient, group = choose_masks(Wb, d, S, method, cfg)
+        preview = fixed is None and cfg.nm_masks == "pruned"
+        salient, group = choose_masks(Wb * nm_mask(Wb * Wb * c, n, m) if preview else Wb, d, S, method, cfg)
         owed = torch.zeros_like(Wb)                      # pruning errors compensated inside the block
         if fixed is not None:
             keep = fixed[:, s:e]
@@ -262,10 +265,10 @@ def _check(cfg: BinarizeConfig) -> None:
 
 
 NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
-           "nm_substeps")
+           "nm_substeps", "nm_masks")
 # the keys that act on pbs2p's pruning steps, with their "off" values (BinarizeConfig's defaults)
 STEPWISE_KEYS = {f.name: f.default for f in fields(BinarizeConfig)
-                 if f.name in ("nm_compensate", "nm_reprune", "nm_substeps")}
+                 if f.name in ("nm_compensate", "nm_reprune", "nm_substeps", "nm_masks")}
 
 
 def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
