@@ -213,8 +213,8 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         e = min(s + B, K)
         Wb, d, S = W[:, s:e], d_all[s:e], H[s:e, s:e]
         c = column_weight(cfg.nm_metric, d, hdiag[s:e])[None, :]
-        preview = fixed is None and cfg.nm_masks == "pruned"
-        salient, group = choose_masks(Wb * nm_mask(Wb * Wb * c, n, m) if preview else Wb, d, S, method, cfg)
+        on_pruned = fixed is None and cfg.nm_masks == "pruned"
+        salient, group = choose_masks(Wb * nm_mask(Wb * Wb * c, n, m) if on_pruned else Wb, d, S, method, cfg)
         owed = torch.zeros_like(Wb)                      # pruning errors compensated inside the block
         if fixed is not None:
             keep = fixed[:, s:e]
@@ -266,7 +266,8 @@ def _check(cfg: BinarizeConfig) -> None:
 
 NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
            "nm_substeps", "nm_masks")
-# the keys that act on pbs2p's pruning steps, with their "off" values (BinarizeConfig's defaults)
+# the keys only pbs2p reads (its pruning steps, and where its masks are chosen), with their "off" values
+# (BinarizeConfig's defaults)
 STEPWISE_KEYS = {f.name: f.default for f in fields(BinarizeConfig)
                  if f.name in ("nm_compensate", "nm_reprune", "nm_substeps", "nm_masks")}
 
@@ -286,8 +287,8 @@ def _record(name: str, summary: str, in_loop: bool) -> MethodRecord:
         stepwise_only = [k for k in STEPWISE_KEYS if getattr(cfg, k) != STEPWISE_KEYS[k]]
         if not in_loop and stepwise_only:
             verb = "acts" if len(stepwise_only) == 1 else "act"
-            raise ArbqError(f"recipe: {', '.join(stepwise_only)} {verb} on pbs2p's pruning steps; {name} prunes once "
-                            "before binarizing and does not read them")
+            raise ArbqError(f"recipe: {', '.join(stepwise_only)} {verb} on pbs2p's stepwise pruning; {name} prunes "
+                            "once before binarizing and does not read them")
 
     return MethodRecord(name=name, summary=summary, fit=fit, layout="binary_nm", layout_params=_layout_params,
                         result_type=NMResult, keys=NM_KEYS, check=check, label=label, layer_plan=plan,
