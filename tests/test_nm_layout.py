@@ -354,3 +354,52 @@ def test_pack_load_forward_tiny_model(tmp_path, nm_method, monkeypatch):
         lin2 = model2.model.layers[1].mlp.down_proj
         assert lin2.kernel_cache()["lut"]["tensors"][0].data_ptr() == lin2.codes.data_ptr()   # no copy
 
+
+
+def _ordered(rows: int = 24, k: int = 100, n: int = 6, m: int = 8, seed: int = 0) -> nm.NMResult:
+    """random_nm with a random run order (nm_act_order): base and keep hold the model's columns π."""
+    order = torch.randperm(k // m, generator=torch.Generator().manual_seed(seed))
+    return nm.NMResult(random_nm(rows, k, n, m, seed=seed).base, random_keep(rows, k, n, m, seed), n, m, order)
+
+
+@pytest.mark.parametrize("k,m,n", [(100, 8, 6), (64, 8, 4), (37, 4, 2)])
+def test_run_order_is_stored_and_every_path_reads_the_model_order(k, m, n):
+    """A run order (nm_act_order): Ŵ in the model's order is the stored Ŵ with its columns put back at π (the
+    obvious loop), packs and reads back exactly (binary_nm and its lookup form), costs 16 bits per run of m in
+    its own honest-bits component, and every backend computes x @ Ŵᵀ with the model's x."""
+    res = _ordered(24, k, n, m, seed=k)
+    stored = torch.where(res.keep, res.base.dequantize(), torch.zeros(()))
+    want = torch.zeros_like(stored)
+    runs = res.order.tolist()
+    for r, run in enumerate(runs):                     # stored run r is the model's run `run`
+        want[:, run * m:(run + 1) * m] = stored[:, r * m:(r + 1) * m]
+    want[:, len(runs) * m:] = stored[:, len(runs) * m:]   # a partial last run stays last
+    assert torch.equal(res.dequantize(), want)
+    p = nm.pack(res, params_for("rc", True, n, m), "fp32", "layer")
+    assert p.spec.ordered and p.spec.to_params()["run_order"] is True
+    assert layouts.layout_of("binary_nm").spec_type.from_params(p.spec.to_params()) == p.spec
+    bits = measured_bits(p.tensors, p.spec)
+    assert bits == p.spec.formula_bits() and bits["run_order"] == 16 * (k // m)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    for q in (p, layouts.lookup_form(p)):
+        layouts.validate(q, "layer")
+        assert torch.equal(layouts.dequantize(q), want)
+        assert torch.equal(layouts.from_lookup_form(q, "binary_nm").tensors["run_order"], p["run_order"])
+        for backend in kernels.backends_for(q.spec.layout):
+            lin = BinaryLinear.from_packed(q, backend=backend)
+            for xs in (x[:1], x):
+                torch.testing.assert_close(lin(xs), xs @ want.T, atol=1e-4, rtol=1e-3)
+            torch.testing.assert_close(lin.dequantize(), want)
+
+
+@pytest.mark.parametrize("bad", ["repeated", "short", "float"])
+def test_a_broken_run_order_is_refused(bad):
+    """A run order that is not a permutation of the runs, in the fit's result or in a packed file: one line."""
+    res = _ordered()
+    order = {"repeated": torch.zeros(12, dtype=torch.int64), "short": res.order[:-1],
+             "float": res.order.float()}[bad]
+    with pytest.raises(ArbqError, match="run_order is not a permutation"):
+        nm.NMResult.from_tensors({**res.to_tensors("l"), "l.run_order": order}, "l")
+    p = nm.pack(res, params_for("rc", True, 6, 8), "fp32", "layer")
+    with pytest.raises(ArbqError, match="run_order"):
+        layouts.validate(PackedLinear(p.spec, {**p.tensors, "run_order": order}), "layer")

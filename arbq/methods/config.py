@@ -88,6 +88,9 @@ class BinarizeConfig:
     nm_masks:      pbs2p: where the salient columns and the group split are chosen: "dense" on the block before
                    any pruning (the paper's step 0); "pruned" on the block with its one-shot N:M mask (the same
                    score as stbllm's) zeroed, as stbllm chooses them on its pruned weights
+    nm_act_order:  pbs2p / stbllm: the block loop takes the runs of M columns in decreasing Σ_{j ∈ run} H_jj
+                   (GPTQ's act order, whole runs moved so that every stored run is still N:M) instead of left to
+                   right; the layout stores the run order (16 bits per run). false = left to right
     nm_cfs:        pbs2p / stbllm coarse stage (CFS, arbq.methods.cfs): each decoder layer gets its own N in
                    [N − nm_cfs, N + nm_cfs] by its calibration block influence, the mean N staying N; 0 = off.
                    Needs statistics from `arbq calibrate` (the layer scores). Whole-run key
@@ -140,6 +143,7 @@ class BinarizeConfig:
     nm_reprune: int = 0
     nm_substeps: int = 1
     nm_masks: str = "dense"
+    nm_act_order: bool = False
     tune_epochs: int = 0
     tune_lr: float = 1e-3
     tune_target: str = "layer"

@@ -24,6 +24,11 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
    with W_b' = W_b − E·U_b the updated block, (W_b − Ŵ)·U_b⁻¹ = (W_b' − Ŵ)·U_b⁻¹ + E, so the sum is exact)
   (nm_stepwise false: all M − N entries of a run pruned at once by Δ⁰ — the one-shot ablation)
 
+nm_act_order (both methods): the loop above runs on W[:, π], H[π, π] with π the columns of the runs of M taken in
+decreasing Σ_{j ∈ run} H_jj (a last partial run stays last), so what is pruned or binarized early is compensated by
+the less used runs after it (GPTQ's act order; whole runs move, so every run of the fit is N:M); the result keeps
+Ŵ in that order with the run order (NMResult.order) and dequantizes to the model's order.
+
 stbllm (the prune-then-binarize baseline): the N:M mask of the whole W from the same metric on the
 original weights (w_ij² · c_j), pruned weights set to 0 before the loop (so their loss is not compensated,
 as when a pruned checkpoint is binarized), then the binarizer on the survivors inside the same GPTQ loop.
@@ -43,7 +48,7 @@ from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group,
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.gptq import _assemble, block_errors, error_row, inverse_cholesky, prepare_problem, stored
 from arbq.methods.record import MethodRecord
-from arbq.packed.nm import NMResult
+from arbq.packed.nm import NMResult, order_columns
 
 Tensor = torch.Tensor
 
@@ -181,6 +186,12 @@ def _schedule(steps: int, substeps: int, runs: int) -> list[tuple[int, int]]:
     return out + plan[-1:]
 
 
+def run_order(hdiag: Tensor, m: int) -> Tensor:
+    """The full runs of m columns by decreasing Σ_{j ∈ run} H_jj (ties: left first), int64 [⌊K/m⌋]."""
+    runs = hdiag[: hdiag.numel() - hdiag.numel() % m].reshape(-1, m).sum(1)
+    return torch.argsort(runs, descending=True, stable=True)
+
+
 def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:
     """c_j of the module docstring: 1/d_j² (hessian) or H_jj (wanda)."""
     return 1.0 / (d * d) if metric == "hessian" else hdiag
@@ -199,6 +210,10 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
     n, m = parse_nm(cfg.nm)
     method = _strategy(cfg)
     W, H = prepare_problem(W0, H, name, cfg.method)
+    order, H_model = (run_order(torch.diag(H), m) if cfg.nm_act_order else None), H
+    if order is not None:
+        cols = order_columns(order, m, W.shape[1])
+        W, H = W[:, cols], H[cols][:, cols]
     U, lam = inverse_cholesky(H, cfg.percdamp)
     N, K = W.shape
     d_all, hdiag = torch.diag(U), torch.diag(H)
@@ -241,11 +256,12 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
         err = block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) + owed
         W[:, e:] -= err @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
-    res = NMResult(stored(_assemble(blocks, B), _layout_params(cfg), cfg.scale_dtype), torch.cat(keeps, 1), n, m)
+    res = NMResult(stored(_assemble(blocks, B), _layout_params(cfg), cfg.scale_dtype), torch.cat(keeps, 1), n, m,
+                   order)
     What = res.dequantize()
     if not torch.isfinite(What).all():
         raise ArbqError(f"{name}: binarization produced NaN/Inf")
-    row = error_row(W0, What, H, name, cfg, lam)
+    row = error_row(W0, What, H_model, name, cfg, lam)
     row.update(nm=cfg.nm, kept_frac=float(res.keep.float().mean()), salient_frac=float(res.base.salient.float().mean()),
                seconds=round(time.perf_counter() - t0, 4))
     return res, row
@@ -265,7 +281,7 @@ def _check(cfg: BinarizeConfig) -> None:
 
 
 NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
-           "nm_substeps", "nm_masks")
+           "nm_substeps", "nm_masks", "nm_act_order")
 # the keys only pbs2p reads (its pruning steps, and where its masks are chosen), with their "off" values
 # (BinarizeConfig's defaults)
 STEPWISE_KEYS = {f.name: f.default for f in fields(BinarizeConfig)

@@ -18,8 +18,9 @@ class BinaryLinear(nn.Module):
     Every packed tensor is a buffer named by its suffix (sign1, group, ... for "binary"; codes, zeros, scales
     for "uniform"), so the state dict keys are `<module>.sign1` etc. The product is computed by a kernel
     backend that runs the layout (arbq.kernels: "cpu" C++ from the bits, "triton", "torch" unpack + matmul
-    for every layout), chosen by `backend` or ARBQ_KERNEL. Inference only: no gradients flow to the packed
-    weights.
+    for every layout), chosen by `backend` or ARBQ_KERNEL. A layout that stores its columns in another order
+    (layouts.input_columns: an N:M run order) gets x[..., π] instead of x. Inference only: no gradients flow to
+    the packed weights.
     """
 
     def __init__(self, spec, bias: bool = False, device: torch.device | str | None = None,
@@ -34,6 +35,7 @@ class BinaryLinear(nn.Module):
         self._cache_key: tuple = ()
         self._cache: dict = {}
         self._fast: tuple | None = None      # (ids of the buffers, a backend's bound decode call)
+        self._cols: tuple | None = None      # (ids of the buffers, layouts.input_columns of them)
 
     @property
     def backend(self) -> str | None:
@@ -45,11 +47,11 @@ class BinaryLinear(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._cache_key, self._cache, self._fast = (), {}, None      # in place, maybe without a version bump
+        self._cache_key, self._cache, self._fast, self._cols = (), {}, None, None  # in place, maybe no version bump
 
     def __getstate__(self) -> dict:
         # what the kernels derived (tables, the backend module, a bound call) is rebuilt, not copied or pickled
-        return {**self.__dict__, "_fast": None, "_cache_key": (), "_cache": {}}
+        return {**self.__dict__, "_fast": None, "_cache_key": (), "_cache": {}, "_cols": None}
 
     @classmethod
     def from_packed(cls, p: PackedLinear, bias: torch.Tensor | None = None,
@@ -78,7 +80,7 @@ class BinaryLinear(nn.Module):
         for name, t in p.tensors.items():
             self.register_buffer(name, t)
         self.register_buffer("bias", bias)
-        self._cache_key, self._cache, self._fast = (), {}, None
+        self._cache_key, self._cache, self._fast, self._cols = (), {}, None, None
 
     @staticmethod
     def _off_cpu(t: torch.Tensor) -> bool:
@@ -113,8 +115,13 @@ class BinaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y [..., N] = x [..., K] @ Ŵᵀ (+ bias). A decode call goes straight to the backend's bound call (bind)
         while the buffers are the ones it was bound to; it declines (None) whatever it cannot vouch for."""
+        ids = tuple(map(id, self._buffers.values()))
+        if getattr(self.spec, "ordered", False):
+            if self._cols is None or self._cols[0] != ids:
+                self._cols = (ids, layouts.input_columns(self.packed()))
+            x = x.index_select(-1, self._cols[1])
         fast = self._fast
-        if fast is not None and fast[0] == tuple(map(id, self._buffers.values())):
+        if fast is not None and fast[0] == ids:
             y = fast[1](x)
             if y is not None:
                 return y

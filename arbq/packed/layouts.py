@@ -50,9 +50,9 @@ def _stored_binary(res: Any, params: dict, scale_dtype: str) -> dict[str, torch.
 @dataclass(frozen=True)
 class Layout:
     """name; spec_type: from_params(params, where) -> spec; pack(result, params, scale_dtype, name);
-    dequantize_rows(p, r0, r1) -> Ŵ[r0:r1] fp32; validate(p, name) raises ArbqError; stored_values(result,
-    params, scale_dtype) -> the result's value tensors exactly as packed and read back (for results with
-    `with_values`; None: the fit's own rounding is what is stored)."""
+    dequantize_rows(p, r0, r1) -> Ŵ[r0:r1] fp32, columns in the stored order (input_columns); validate(p, name)
+    raises ArbqError; stored_values(result, params, scale_dtype) -> the result's value tensors exactly as packed
+    and read back (for results with `with_values`; None: the fit's own rounding is what is stored)."""
 
     name: str
     spec_type: type
@@ -89,10 +89,19 @@ def spec_from_entry(entry: Any, where: str) -> Any:
 
 
 def dequantize(p: PackedLinear, rows: int = ROWS_PER_TILE) -> torch.Tensor:
-    """Ŵ [N, K] fp32 of any layout, `rows` rows at a time."""
+    """Ŵ [N, K] fp32 of any layout, `rows` rows at a time, columns in the model's order."""
     n, k = p.spec.out_features, p.spec.in_features
     fn = layout_of(p.spec.layout).dequantize_rows
-    return torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
+    w = torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
+    return nm.in_model_order(w, input_columns(p))
+
+
+def input_columns(p: PackedLinear) -> torch.Tensor | None:
+    """π, int64 [K], for a layout that stores its columns in another order than the model's (binary_nm and
+    binary_nm_lut with a run order, nm.order_columns): every kernel computes y = x[..., π] @ Ŵ_storedᵀ; None for
+    the others."""
+    order = nm.stored_order(p) if getattr(p.spec, "ordered", False) else None
+    return None if order is None else nm.order_columns(order, p.spec.m, p.spec.in_features)
 
 
 def lookup_form(p: PackedLinear, name: str = "linear",

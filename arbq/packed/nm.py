@@ -16,6 +16,10 @@ first along their last dimension, like every plane of arbq.packed.format):
     salient, sign2, values, colscale_ns, colscale_sal, *_scale: as in the "binary" layout, unchanged (sign2
             [N, ceil(S/8)] holds the second sign of every salient column, pruned or not: not compacted)
 
+    run_order int16 [⌊K/m⌋]    only with params run_order: true (nm_act_order): the model's run of every stored
+            run of m columns; every plane above then holds the columns in that order (a last partial run stays
+            last), and Ŵ[:, π] = the stored Ŵ with π = order_columns(run_order); kernels read x[..., π]
+
 Dense plane = expand(compact, keep): bit j of a row is the next compact bit where keep is 1, else 0. For m = 8
 every 64 columns (8 runs) take exactly n bytes of a compact row, so a kernel expands them with one
 `_pdep_u64(compact_bits, keep_bits)` per 64 columns (arbq/kernels/binary_gemv.cpp, expand_row).
@@ -23,7 +27,7 @@ every 64 columns (8 runs) take exactly n bytes of a compact row, so a kernel exp
 Params (`quantization_config.modules[name].params`): the binary layout's plus n and m (1 ≤ n ≤ m ≤ 16).
 
 Honest bits = the binary layout's formula with sign = 8·N·⌈L/8⌉ and group_bit = 8·N·⌈L/8⌉ (when stored), plus
-nm_positions 8·N·⌈K/8⌉. The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
+nm_positions 8·N·⌈K/8⌉ (and run_order 16·⌊K/m⌋). The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
 
     this layout: bitmap + compacted signs (+ group bits)   8 + n (+ n) bits → signs + positions 1.50 (4:8),
                                                             1.625 (5:8), 1.75 (6:8) b/w; group bits n/8 more
@@ -50,6 +54,7 @@ from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack
 
 M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
+ORDER = "run_order"        # the run order's suffix (params run_order: true)
 COMPACT = ("sign1", "group")   # planes stored compacted (kept positions only)
 ROWS = 1024                # rows per tile when checking a whole plane
 
@@ -84,6 +89,31 @@ def expand_plane(compact: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return dense
 
 
+def order_columns(order: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """π, int64 [K]: the model's column of every stored column for a run order [⌊K/m⌋] (stored run r = the
+    model's run order[r]; a last partial run of K mod m columns stays last)."""
+    runs = order.long()[:, None] * m + torch.arange(m, device=order.device)[None, :]
+    return torch.cat([runs.reshape(-1), torch.arange(k - k % m, k, device=order.device)])
+
+
+def check_order(order: torch.Tensor, k: int, m: int, name: str) -> None:
+    """Raise ArbqError unless order is an integer tensor [⌊K/m⌋] holding every run index once."""
+    runs = k // m
+    if order.dtype.is_floating_point or order.dtype == torch.bool or tuple(order.shape) != (runs,) or \
+            not torch.equal(torch.sort(order.long()).values, torch.arange(runs, device=order.device)):
+        raise ArbqError(f"{name}: {ORDER} is not a permutation of the {runs} runs of {m} columns "
+                        f"(got {order.dtype} {tuple(order.shape)})")
+
+
+def in_model_order(w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """w [R, K] with its columns in stored order -> the model's order, out[:, π] = w (w itself when π is None)."""
+    if cols is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, cols.to(w.device)] = w
+    return out
+
+
 def _check_nm(n: Any, m: Any, name: str) -> None:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 1 <= n <= m <= M_MAX:
         raise ArbqError(f"{name}: N:M pattern {n}:{m} invalid (need integers 1 <= n <= m <= {M_MAX})")
@@ -99,13 +129,16 @@ class NMResult:
     """The unpacked form of one N:M-pruned binarized linear W: [N, K] (what `binarize` writes to RUN/layers).
 
     base: the binarization of the kept entries (its values at pruned positions are arbitrary);
-    keep: [N, K] bool, True = kept, n of every m consecutive columns of a row (see nm_counts_ok); n, m: ints.
+    keep: [N, K] bool, True = kept, n of every m consecutive columns of a row (see nm_counts_ok); n, m: ints;
+    order: None (columns in the model's order) or int64 [⌊K/m⌋], the run order of nm_act_order: base and keep
+    hold the columns order_columns(order) (see the module docstring).
     """
 
     base: LinearResult
     keep: torch.Tensor
     n: int
     m: int
+    order: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -120,8 +153,9 @@ class NMResult:
         return self.base.blocksize
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        order = {} if self.order is None else {f"{prefix}.{ORDER}": self.order}
         return {**self.base.to_tensors(prefix), f"{prefix}.{KEEP}": self.keep,
-                f"{prefix}.nm": torch.tensor([self.n, self.m], dtype=torch.int64)}
+                f"{prefix}.nm": torch.tensor([self.n, self.m], dtype=torch.int64), **order}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> NMResult:
@@ -133,12 +167,13 @@ class NMResult:
             n, m = (int(v) for v in nm.reshape(-1).tolist())
         except (KeyError, ValueError) as e:
             raise ArbqError(f"N:M result for {prefix} is missing or has a malformed tensor {e}") from None
-        res = cls(base, keep, n, m)
+        res = cls(base, keep, n, m, tensors.get(f"{prefix}.{ORDER}"))
         res.validate(prefix)
         return res
 
     def to(self, device: str | torch.device) -> NMResult:
-        return NMResult(self.base.to(device), self.keep.to(device), self.n, self.m)
+        return NMResult(self.base.to(device), self.keep.to(device), self.n, self.m,
+                        None if self.order is None else self.order.to(device))
 
     def validate(self, name: str = "linear") -> None:
         """Raise ArbqError (one line) unless the base is consistent, keep is a bool [N, K] and N:M holds."""
@@ -150,32 +185,37 @@ class NMResult:
         if not nm_counts_ok(self.keep, self.n, self.m):
             raise ArbqError(f"{name}: keep mask is not {self.n}:{self.m} (every {self.m} consecutive columns of a "
                             f"row must keep {self.n})")
+        if self.order is not None:
+            check_order(self.order, self.shape[1], self.m, name)
 
     def dequantize(self) -> torch.Tensor:
-        """Ŵ: [N, K] float32 = base.dequantize() · keep, exact zeros at pruned positions."""
-        return _masked(self.base.dequantize(), self.keep)
+        """Ŵ: [N, K] float32 = base.dequantize() · keep, exact zeros at pruned positions, in the model's column
+        order."""
+        cols = None if self.order is None else order_columns(self.order, self.m, self.shape[1])
+        return in_model_order(_masked(self.base.dequantize(), self.keep), cols)
 
     def tunable(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The base binarization's tunable values (LinearResult.tunable); the mask stays."""
         return self.base.tunable()
 
     def with_values(self, values: dict[str, torch.Tensor]) -> NMResult:
-        return NMResult(self.base.with_values(values), self.keep, self.n, self.m)
+        return NMResult(self.base.with_values(values), self.keep, self.n, self.m, self.order)
 
 
 @dataclass(frozen=True)
 class NMSpec(BinaryBased):
     """Shapes and bit counts of one linear in the "binary_nm" layout (the layout protocol, see
     arbq.packed.layouts): the binary layout's fields (`binary` is that LinearSpec: the spec of every tensor
-    but the occupancy plane) plus the N:M pattern."""
+    but the occupancy plane) plus the N:M pattern and whether a run order is stored (`ordered`)."""
 
     layout: ClassVar[str] = "binary_nm"
     n: int
     m: int
+    ordered: bool = False
 
     @classmethod
-    def of(cls, binary: LinearSpec, n: int, m: int) -> NMSpec:
-        return cls(*cls.fields_of(binary), n, m)
+    def of(cls, binary: LinearSpec, n: int, m: int, ordered: bool = False) -> NMSpec:
+        return cls(*cls.fields_of(binary), n, m, ordered)
 
     @property
     def kept(self) -> int:
@@ -183,7 +223,7 @@ class NMSpec(BinaryBased):
         return kept_per_row(self.in_features, self.n, self.m)
 
     def to_params(self) -> dict[str, Any]:
-        return {**self.binary.to_params(), "n": self.n, "m": self.m}
+        return {**self.binary.to_params(), "n": self.n, "m": self.m, **({"run_order": True} if self.ordered else {})}
 
     @classmethod
     def from_params(cls, params: dict, where: str = "binary_nm module") -> NMSpec:
@@ -191,26 +231,28 @@ class NMSpec(BinaryBased):
         binary = LinearSpec.from_params(params, where)
         m = param(params, "m", int, where, lambda v: 1 <= v <= M_MAX, f"1 <= m <= {M_MAX}")
         n = param(params, "n", int, where, lambda v: 1 <= v <= m, "1 <= n <= m")
-        return cls.of(binary, n, m)
+        ordered = param(params, "run_order", bool, where) if "run_order" in params else False
+        return cls.of(binary, n, m, ordered)
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The binary layout's tensors with sign1 (and group) compacted to uint8 [N, ceil(L/8)], plus the
-        occupancy plane keep uint8 [N, ceil(K/8)]."""
+        occupancy plane keep uint8 [N, ceil(K/8)] (and run_order int16 [⌊K/m⌋] when ordered)."""
         out = self.binary.tensor_shapes()
         for name in COMPACT:
             if name in out:
                 out[name] = ((self.out_features, -(-self.kept // 8)), torch.uint8)
-        return {**out, KEEP: ((self.out_features, -(-self.in_features // 8)), torch.uint8)}
+        return {**out, KEEP: ((self.out_features, -(-self.in_features // 8)), torch.uint8), **order_shape(self)}
 
     def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
         """The binary layout's components with sign (and group_bit) 8·N·⌈L/8⌉ (compacted planes), plus
-        nm_positions 8·N·⌈K/8⌉."""
+        nm_positions 8·N·⌈K/8⌉ (and run_order 16·⌊K/m⌋ when ordered)."""
         out = self.binary.formula_bits(bias_bits)
         bias = out.pop("bias")
         compact = 8 * self.out_features * -(-self.kept // 8)
         out["sign"] = compact
         out["group_bit"] = compact if self.scheme.group else 0
-        return {**out, "nm_positions": 8 * self.out_features * -(-self.in_features // 8), "bias": bias}
+        return {**out, "nm_positions": 8 * self.out_features * -(-self.in_features // 8),
+                **order_bits(self), "bias": bias}
 
     def paper_bits(self) -> int:
         """The papers' convention (STBLLM, PBS²P): n/m × (sign + salient residual bits), rounded half up;
@@ -219,10 +261,26 @@ class NMSpec(BinaryBased):
 
     @staticmethod
     def component(suffix: str) -> str:
-        return "nm_positions" if suffix == KEEP else COMPONENTS[suffix]
+        return {KEEP: "nm_positions", ORDER: "run_order"}.get(suffix) or COMPONENTS[suffix]
 
     def describe(self) -> str:
-        return f"layout=binary_nm, n:m={self.n}:{self.m}, " + self.binary.describe().removeprefix("layout=binary, ")
+        return f"layout=binary_nm, n:m={self.n}:{self.m}{', run order' if self.ordered else ''}, " + \
+            self.binary.describe().removeprefix("layout=binary, ")
+
+
+def order_shape(spec: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{run_order: int16 [⌊K/m⌋]} for an ordered N:M spec, else {}."""
+    return {ORDER: ((spec.in_features // spec.m,), torch.int16)} if spec.ordered else {}
+
+
+def order_bits(spec: Any) -> dict[str, int]:
+    """{run_order: 16·⌊K/m⌋ bits} for an ordered N:M spec, else {}."""
+    return {ORDER: 16 * (spec.in_features // spec.m)} if spec.ordered else {}
+
+
+def stored_order(p: PackedLinear) -> torch.Tensor | None:
+    """The run order of a packed binary_nm / binary_nm_lut linear, None when it stores none."""
+    return p[ORDER] if p.spec.ordered else None
 
 
 ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)
@@ -242,6 +300,7 @@ def binary_rows(p: PackedLinear, r0: int, r1: int,
             return pack_bits(expand_plane(compact, keep_bits))
     t = dict(p.tensors)
     t.pop(KEEP)
+    t.pop(ORDER, None)
     for name in COMPACT:
         if name in t:
             t[name] = expand(p[name][r0:r1], keep)
@@ -284,21 +343,25 @@ def pack(res: NMResult, params: dict, scale_dtype: str, name: str = "linear") ->
     k = res.shape[1]
     planes = {plane: compact_plane(unpack_bits(p[plane], k), res.keep).contiguous()
               for plane in COMPACT if plane in p.tensors}
-    return PackedLinear(NMSpec.of(p.spec, res.n, res.m),
-                        {**p.tensors, **planes, KEEP: pack_bits(res.keep).contiguous()})
+    order = {} if res.order is None else {ORDER: res.order.to(torch.int16).contiguous()}
+    return PackedLinear(NMSpec.of(p.spec, res.n, res.m, res.order is not None),
+                        {**p.tensors, **planes, KEEP: pack_bits(res.keep).contiguous(), **order})
 
 
 def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows from the expanded planes, zero where pruned."""
+    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: the binary rows from the expanded planes, zero where pruned, columns
+    in the stored order (what the kernels multiply with x[..., π]; layouts.dequantize puts them in the model's)."""
     w = codec.unpack_rows(binary_rows(p, r0, r1)).dequantize()
     return _masked(w, unpack_bits(p[KEEP][r0:r1], p.spec.in_features))
 
 
 def validate(p: PackedLinear, name: str = "linear") -> None:
     """Shapes and dtypes of every tensor (codec.check_shapes: compacted planes [N, ceil(L/8)]), the binary checks
-    (salient bitmap count) and the N:M pattern of the occupancy plane."""
+    (salient bitmap count), the run order (a permutation) and the N:M pattern of the occupancy plane."""
     check_shapes(p, name)
     spec = p.spec
+    if spec.ordered:
+        check_order(p[ORDER], spec.in_features, spec.m, name)
     if spec.scheme.salient:
         n_sal = int(unpack_bits(p["salient"], spec.in_features).sum())
         if n_sal != spec.n_salient:

@@ -31,7 +31,7 @@ from arbq.packed import lut, nm
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import BinaryBased, pack_bits, unpack_bits
 from arbq.packed.lut import LANES
-from arbq.packed.nm import KEEP
+from arbq.packed.nm import KEEP, ORDER
 
 VALIDATE_ROWS = 64      # rows per check at load: small temporaries, which the allocator reuses instead of keeping
                         # (1024-row tiles left ~100 MB resident after loading a 4096-class model)
@@ -51,17 +51,18 @@ class NMLutSpec(BinaryBased):
     layout: ClassVar[str] = "binary_nm_lut"
     n: int
     m: int
+    ordered: bool = False
 
     @classmethod
     def of(cls, spec: nm.NMSpec, where: str = "binary_nm_lut module") -> NMLutSpec:
         if not supports(spec):
             raise ArbqError(f"{where}: layout binary_nm_lut needs an N:M scheme with column scales (rc), group bits, "
                             f"salient columns and a block size that is a multiple of 4 (got {spec.describe()})")
-        return cls(*cls.fields_of(spec), spec.n, spec.m)
+        return cls(*cls.fields_of(spec), spec.n, spec.m, spec.ordered)
 
     @property
     def nm(self) -> nm.NMSpec:
-        return nm.NMSpec.of(self.binary, self.n, self.m)
+        return nm.NMSpec.of(self.binary, self.n, self.m, self.ordered)
 
     @property
     def lut(self) -> lut.LutSpec:
@@ -79,24 +80,26 @@ class NMLutSpec(BinaryBased):
         return cls.of(nm.NMSpec.from_params(params, where), where)
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """binary_lut's tensors plus keep uint8 [N16, ⌈K/8⌉, 16]."""
-        return {**self.lut.tensor_shapes(), KEEP: ((self.row_groups, -(-self.in_features // 8), LANES), torch.uint8)}
+        """binary_lut's tensors plus keep uint8 [N16, ⌈K/8⌉, 16] (and binary_nm's run_order when ordered)."""
+        return {**self.lut.tensor_shapes(), KEEP: ((self.row_groups, -(-self.in_features // 8), LANES), torch.uint8),
+                **nm.order_shape(self)}
 
     def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
-        """binary_lut's components plus nm_positions 8·16·N16·⌈K/8⌉."""
+        """binary_lut's components plus nm_positions 8·16·N16·⌈K/8⌉ (and run_order 16·⌊K/m⌋ when ordered)."""
         out = self.lut.formula_bits(bias_bits)
         bias = out.pop("bias")
-        return {**out, "nm_positions": 8 * LANES * self.row_groups * -(-self.in_features // 8), "bias": bias}
+        return {**out, "nm_positions": 8 * LANES * self.row_groups * -(-self.in_features // 8),
+                **nm.order_bits(self), "bias": bias}
 
     def paper_bits(self) -> int:
         return self.nm.paper_bits()
 
     @staticmethod
     def component(suffix: str) -> str:
-        return "nm_positions" if suffix == KEEP else lut.LutSpec.component(suffix)
+        return {KEEP: "nm_positions", ORDER: "run_order"}.get(suffix) or lut.LutSpec.component(suffix)
 
     def describe(self) -> str:
-        return f"layout=binary_nm_lut, n:m={self.n}:{self.m}, " + \
+        return f"layout=binary_nm_lut, n:m={self.n}:{self.m}{', run order' if self.ordered else ''}, " + \
             self.binary.describe().removeprefix("layout=binary, ")
 
 
@@ -115,7 +118,7 @@ def keep_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
 
 def as_lut(p: PackedLinear) -> PackedLinear:
     """The binary_lut view of a binary_nm_lut linear (its tensors but keep, no copy): Ŵ before the mask."""
-    return PackedLinear(p.spec.lut, {name: t for name, t in p.tensors.items() if name != KEEP})
+    return PackedLinear(p.spec.lut, {name: t for name, t in p.tensors.items() if name not in (KEEP, ORDER)})
 
 
 def from_nm(p: PackedLinear, where: str = "linear",
@@ -124,7 +127,8 @@ def from_nm(p: PackedLinear, where: str = "linear",
     `expand`, then interleaved as binary_lut; the keep plane interleaved by keep_bytes)."""
     spec = NMLutSpec.of(p.spec, where)
     q = lut.from_binary(nm.binary_rows(p, 0, spec.out_features, expand), where)
-    return PackedLinear(spec, {**q.tensors, KEEP: keep_bytes(p[KEEP], spec.row_groups)})
+    order = {} if nm.stored_order(p) is None else {ORDER: p[ORDER]}
+    return PackedLinear(spec, {**q.tensors, KEEP: keep_bytes(p[KEEP], spec.row_groups), **order})
 
 
 def to_nm(p: PackedLinear) -> PackedLinear:
@@ -134,7 +138,8 @@ def to_nm(p: PackedLinear) -> PackedLinear:
     k = p.spec.in_features
     planes = {name: nm.compact_plane(unpack_bits(b[name], k), keep).contiguous() for name in nm.COMPACT
               if name in b.tensors}
-    return PackedLinear(p.spec.nm, {**b.tensors, **planes, KEEP: pack_bits(keep).contiguous()})
+    order = {} if nm.stored_order(p) is None else {ORDER: p[ORDER]}
+    return PackedLinear(p.spec.nm, {**b.tensors, **planes, KEEP: pack_bits(keep).contiguous(), **order})
 
 
 def pack(res: nm.NMResult, params: dict, scale_dtype: str, name: str = "linear") -> PackedLinear:
@@ -143,7 +148,8 @@ def pack(res: nm.NMResult, params: dict, scale_dtype: str, name: str = "linear")
 
 
 def dequantize_rows(p: PackedLinear, r0: int, r1: int) -> torch.Tensor:
-    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: binary_lut's rows, zero where pruned."""
+    """Rows r0:r1 of Ŵ, fp32 [r1 − r0, K]: binary_lut's rows, zero where pruned, columns in the stored order (as
+    binary_nm's)."""
     w = lut.dequantize_rows(as_lut(p), r0, r1)
     return torch.where(keep_rows(p, r0, r1), w, torch.zeros((), dtype=w.dtype))
 
@@ -154,6 +160,8 @@ def validate(p: PackedLinear, name: str = "linear") -> None:
     pruned weights assumes)."""
     lut.validate(p, name)
     spec = p.spec
+    if spec.ordered:
+        nm.check_order(p[ORDER], spec.in_features, spec.m, name)
     for r0 in range(0, spec.out_features, VALIDATE_ROWS):
         r1 = min(r0 + VALIDATE_ROWS, spec.out_features)
         keep = keep_rows(p, r0, r1)
