@@ -24,7 +24,8 @@ Dense plane = expand(compact, keep): bit j of a row is the next compact bit wher
 every 64 columns (8 runs) take exactly n bytes of a compact row, so a kernel expands them with one
 `_pdep_u64(compact_bits, keep_bits)` per 64 columns (arbq/kernels/binary_gemv.cpp, expand_row).
 
-Params (`quantization_config.modules[name].params`): the binary layout's plus n and m (1 ≤ n ≤ m ≤ 16).
+Params (`quantization_config.modules[name].params`): the binary layout's plus n and m (1 ≤ n ≤ m ≤ 16), and
+run_order: true when the run order is stored.
 
 Honest bits = the binary layout's formula with sign = 8·N·⌈L/8⌉ and group_bit = 8·N·⌈L/8⌉ (when stored), plus
 nm_positions 8·N·⌈K/8⌉ (and run_order 16·⌊K/m⌋). The arithmetic of spec/pbs2p.md §5, per group of 8 weights with n kept:
@@ -176,7 +177,8 @@ class NMResult:
                         None if self.order is None else self.order.to(device))
 
     def validate(self, name: str = "linear") -> None:
-        """Raise ArbqError (one line) unless the base is consistent, keep is a bool [N, K] and N:M holds."""
+        """Raise ArbqError (one line) unless the base is consistent, keep is a bool [N, K], N:M holds and the run
+        order (if any) is a permutation of the runs."""
         self.base.validate(name)
         _check_nm(self.n, self.m, name)
         if self.keep.dtype != torch.bool or tuple(self.keep.shape) != self.shape:
