@@ -359,7 +359,8 @@ def test_pack_load_forward_tiny_model(tmp_path, nm_method, monkeypatch):
 def _ordered(rows: int = 24, k: int = 100, n: int = 6, m: int = 8, seed: int = 0) -> nm.NMResult:
     """random_nm with a random run order (nm_act_order): base and keep hold the model's columns π."""
     order = torch.randperm(k // m, generator=torch.Generator().manual_seed(seed))
-    return nm.NMResult(random_nm(rows, k, n, m, seed=seed).base, random_keep(rows, k, n, m, seed), n, m, order)
+    res = random_nm(rows, k, n, m, seed=seed)
+    return nm.NMResult(res.base, res.keep, n, m, order)
 
 
 @pytest.mark.parametrize("k,m,n", [(100, 8, 6), (64, 8, 4), (37, 4, 2)])

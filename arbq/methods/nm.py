@@ -210,7 +210,8 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
     n, m = parse_nm(cfg.nm)
     method = _strategy(cfg)
     W, H = prepare_problem(W0, H, name, cfg.method)
-    order, H_model = (run_order(torch.diag(H), m) if cfg.nm_act_order else None), H
+    H_model = H                                          # the report's error is measured in the model's order
+    order = run_order(torch.diag(H), m) if cfg.nm_act_order else None
     if order is not None:
         cols = order_columns(order, m, W.shape[1])
         W, H = W[:, cols], H[cols][:, cols]

@@ -100,7 +100,7 @@ def input_columns(p: PackedLinear) -> torch.Tensor | None:
     """π, int64 [K], for a layout that stores its columns in another order than the model's (binary_nm and
     binary_nm_lut with a run order, nm.order_columns): every kernel computes y = x[..., π] @ Ŵ_storedᵀ; None for
     the others."""
-    order = nm.stored_order(p) if getattr(p.spec, "ordered", False) else None
+    order = nm.stored_order(p)
     return None if order is None else nm.order_columns(order, p.spec.m, p.spec.in_features)
 
 

@@ -57,6 +57,7 @@ M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
 ORDER = "run_order"        # the run order's suffix (params run_order: true)
 COMPACT = ("sign1", "group")   # planes stored compacted (kept positions only)
+NM_COMPONENTS = {KEEP: "nm_positions", ORDER: "run_order"}   # honest-bits components of the N:M-only tensors
 ROWS = 1024                # rows per tile when checking a whole plane
 
 
@@ -263,7 +264,7 @@ class NMSpec(BinaryBased):
 
     @staticmethod
     def component(suffix: str) -> str:
-        return {KEEP: "nm_positions", ORDER: "run_order"}.get(suffix) or COMPONENTS[suffix]
+        return NM_COMPONENTS.get(suffix) or COMPONENTS[suffix]
 
     def describe(self) -> str:
         return f"layout=binary_nm, n:m={self.n}:{self.m}{', run order' if self.ordered else ''}, " + \
@@ -281,8 +282,9 @@ def order_bits(spec: Any) -> dict[str, int]:
 
 
 def stored_order(p: PackedLinear) -> torch.Tensor | None:
-    """The run order of a packed binary_nm / binary_nm_lut linear, None when it stores none."""
-    return p[ORDER] if p.spec.ordered else None
+    """The run order of a packed binary_nm / binary_nm_lut linear, None when it stores none (or p is another
+    layout)."""
+    return p[ORDER] if getattr(p.spec, "ordered", False) else None
 
 
 ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)

@@ -96,7 +96,7 @@ class NMLutSpec(BinaryBased):
 
     @staticmethod
     def component(suffix: str) -> str:
-        return {KEEP: "nm_positions", ORDER: "run_order"}.get(suffix) or lut.LutSpec.component(suffix)
+        return nm.NM_COMPONENTS.get(suffix) or lut.LutSpec.component(suffix)
 
     def describe(self) -> str:
         return f"layout=binary_nm_lut, n:m={self.n}:{self.m}{', run order' if self.ordered else ''}, " + \
@@ -127,7 +127,7 @@ def from_nm(p: PackedLinear, where: str = "linear",
     `expand`, then interleaved as binary_lut; the keep plane interleaved by keep_bytes)."""
     spec = NMLutSpec.of(p.spec, where)
     q = lut.from_binary(nm.binary_rows(p, 0, spec.out_features, expand), where)
-    order = {} if nm.stored_order(p) is None else {ORDER: p[ORDER]}
+    order = {name: p[name] for name in nm.order_shape(p.spec)}
     return PackedLinear(spec, {**q.tensors, KEEP: keep_bytes(p[KEEP], spec.row_groups), **order})
 
 
@@ -138,7 +138,7 @@ def to_nm(p: PackedLinear) -> PackedLinear:
     k = p.spec.in_features
     planes = {name: nm.compact_plane(unpack_bits(b[name], k), keep).contiguous() for name in nm.COMPACT
               if name in b.tensors}
-    order = {} if nm.stored_order(p) is None else {ORDER: p[ORDER]}
+    order = {name: p[name] for name in nm.order_shape(p.spec)}
     return PackedLinear(p.spec.nm, {**b.tensors, **planes, KEEP: pack_bits(keep).contiguous(), **order})
 
 
