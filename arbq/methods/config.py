@@ -46,6 +46,10 @@ class BinarizeConfig:
                    recursion with the block's Q fixed; on 12 of the fixture's linears, output error 15% lower for
                    rc+cgb and pbs2p 6:8, 8% for stbllm 6:8) or "diagonal" (the BiLLM / ARB-LLM reference code's
                    Err = (W_b − Q)/diag U_b)
+    run_order:     binary methods with a Hessian (billm, arb, x, rc): the block loop takes the runs of 8 input
+                   columns in decreasing Σ_{j ∈ run} H_jj (GPTQ's act order, by whole runs: one byte of every bit
+                   plane) instead of left to right; the layout stores the run order (16 bits per run, the
+                   "run_order" component) and kernels read x[..., π]. false = left to right
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
     max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49); 0 = no salient
@@ -121,6 +125,7 @@ class BinarizeConfig:
     split_error: str = "weight"
     blocksize: int = 128
     compensation: str = "exact"
+    run_order: bool = False
     percdamp: float = 0.01
     salient: str = "hessian"
     max_salient: int = 49

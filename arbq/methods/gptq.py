@@ -6,12 +6,15 @@ For W: [N, K] and H = (2/n) Σ xᵀx: [K, K]:
   3. U = upper Cholesky factor of H⁻¹
   4. per block [s, e): masks and fits from the compensated W[:, s:e]; Q = Ŵ;
      Err = block_errors(W[:, s:e] − Q, U[s:e, s:e]);  W[:, e:] −= Err · U[s:e, e:]
+With run_order (binary methods): steps 3–4 run on W[:, π], H[π, π], π the runs of 8 columns by decreasing
+Σ_{j ∈ run} H_jj (GPTQ's act order by whole runs), and the result keeps that order (LinearResult.order).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +23,7 @@ from arbq.errors import ArbqError
 from arbq.methods.block import BlockFit, choose_masks, fit_block, round_scales
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.result import LinearResult
+from arbq.packed.order import RUN, order_columns
 
 if TYPE_CHECKING:
     from arbq.methods.binary import BinaryMethod
@@ -112,6 +116,13 @@ def block_errors(E: torch.Tensor, Ub: torch.Tensor, compensation: str) -> torch.
     return torch.linalg.solve_triangular(Ub, E, upper=True, left=False)
 
 
+def run_order(hdiag: torch.Tensor, m: int) -> torch.Tensor:
+    """The full runs of m columns by decreasing Σ_{j ∈ run} H_jj (ties: left first), int64 [⌊K/m⌋]: the order in
+    which the loop takes them with `run_order` / `nm_act_order` (GPTQ's act order by whole runs)."""
+    runs = hdiag[: hdiag.numel() - hdiag.numel() % m].reshape(-1, m).sum(1)
+    return torch.argsort(runs, descending=True, stable=True)
+
+
 def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig, name: str = "linear",
                     strategy: BinaryMethod | None = None) -> tuple[LinearResult, dict]:
     """Binarize W: [N, K] with the binary strategy of `cfg.method` (or `strategy`); H: [K, K] (None only
@@ -130,9 +141,15 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
     W0 = W.detach().float()
     N, K = W0.shape
     B = cfg.blocksize
-    U, lam = None, 0.0
+    U, lam, order = None, 0.0, None
+    H_model = H                                          # the report's error is measured in the model's order
     if method.uses_hessian:
         W, H = prepare_problem(W0, H, name, cfg.method)
+        H_model = H
+        if cfg.run_order:
+            order = run_order(torch.diag(H), RUN)
+            cols = order_columns(order, RUN, K)
+            W, H = W[:, cols], H[cols][:, cols]
         U, lam = inverse_cholesky(H, cfg.percdamp)
     elif not torch.isfinite(W0).all():
         raise ArbqError(f"{name}: weight contains NaN/Inf")
@@ -150,11 +167,11 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         if U is not None:
             W[:, e:] -= block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) @ U[s:e, e:]
         W[:, s:e] = fit.w_hat
-    res = stored(_assemble(blocks, B), strategy.scheme_params(cfg), cfg.scale_dtype)
+    res = replace(stored(_assemble(blocks, B), strategy.scheme_params(cfg), cfg.scale_dtype), order=order)
     What = res.dequantize()
     if not torch.isfinite(What).all():
         raise ArbqError(f"{name}: binarization produced NaN/Inf")
-    row = error_row(W0, What, H, name, cfg, lam)
+    row = error_row(W0, What, H_model, name, cfg, lam)
     row["salient_frac"] = float(res.salient.float().mean())
     row["seconds"] = round(time.perf_counter() - t0, 4)
     return res, row

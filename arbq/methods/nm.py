@@ -46,9 +46,10 @@ from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import _assemble, block_errors, error_row, inverse_cholesky, prepare_problem, stored
+from arbq.methods.gptq import _assemble, block_errors, error_row, inverse_cholesky, prepare_problem, run_order, stored
 from arbq.methods.record import MethodRecord
-from arbq.packed.nm import NMResult, order_columns
+from arbq.packed.nm import NMResult
+from arbq.packed.order import order_columns
 
 Tensor = torch.Tensor
 
@@ -184,12 +185,6 @@ def _schedule(steps: int, substeps: int, runs: int) -> list[tuple[int, int]]:
         return plan
     out = [p for j, p in enumerate(plan[:-1]) if p[1] > 0 and (j == 0 or plan[j - 1] != p) and p != plan[-1]]
     return out + plan[-1:]
-
-
-def run_order(hdiag: Tensor, m: int) -> Tensor:
-    """The full runs of m columns by decreasing Σ_{j ∈ run} H_jj (ties: left first), int64 [⌊K/m⌋]."""
-    runs = hdiag[: hdiag.numel() - hdiag.numel() % m].reshape(-1, m).sum(1)
-    return torch.argsort(runs, descending=True, stable=True)
 
 
 def column_weight(metric: str, d: Tensor, hdiag: Tensor) -> Tensor:

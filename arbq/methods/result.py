@@ -12,6 +12,10 @@ weight a *group bit* g_ij = group[i, j]. With s¹, s² = 2·sign1 − 1, 2·sign
 
 Non-RC methods have col_scale ≡ 1; RC methods have mu ≡ 0. Second signs exist only in salient
 columns (order-2 residual binarization); elsewhere sign2 is False and unused.
+
+With a run order (recipe key run_order, arbq.packed.order) every tensor above holds the columns in the order the
+block loop took them, runs of 8: j above is a stored column, and Ŵ_model[:, π] = Ŵ_stored with
+π = order_columns(order, 8, K).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from arbq.errors import ArbqError
+from arbq.packed.order import ORDER, RUN, check_order, in_model_order, order_columns
+
+_NOT_PLANES = ("blocksize", "order")   # fields that to_tensors writes in their own form
 
 
 @dataclass
@@ -34,6 +41,7 @@ class LinearResult:
     alpha:     [N, T, 2, 2, 2] float32  per row, block, kind, group, order
     mu:        [N, T, 2, 2]    float32  per row, block, kind, group
     col_scale: [2, 2, K]       float32  per group, order, column (RC); ones otherwise
+    order:     None, or int64 [⌊K/8⌋]: the run order (the tensors above hold the columns order_columns(order))
     """
 
     sign1: torch.Tensor
@@ -44,21 +52,25 @@ class LinearResult:
     mu: torch.Tensor
     col_scale: torch.Tensor
     blocksize: int
+    order: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.sign1.shape)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "blocksize"}
+        out = {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self) if f.name not in _NOT_PLANES}
         out[f"{prefix}.blocksize"] = torch.tensor([self.blocksize], dtype=torch.int64)
+        if self.order is not None:
+            out[f"{prefix}.{ORDER}"] = self.order
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> LinearResult:
         try:
-            kw = {f.name: tensors[f"{prefix}.{f.name}"] for f in fields(cls) if f.name != "blocksize"}
+            kw = {f.name: tensors[f"{prefix}.{f.name}"] for f in fields(cls) if f.name not in _NOT_PLANES}
             kw["blocksize"] = int(tensors[f"{prefix}.blocksize"].item())
+            kw["order"] = tensors.get(f"{prefix}.{ORDER}")
         except KeyError as e:
             raise ArbqError(f"binarization result for {prefix} is missing tensor {e}") from None
         res = cls(**kw)
@@ -95,9 +107,11 @@ class LinearResult:
             got = tuple(getattr(self, key).shape)
             if got != shape:
                 raise ArbqError(f"{name}: {key} has shape {got}, expected {shape} for a {n}x{k} weight")
+        if self.order is not None:
+            check_order(self.order, k, RUN, name)
 
     def dequantize(self) -> torch.Tensor:
-        """Ŵ: [N, K] float32 from the equation in the module docstring."""
+        """Ŵ: [N, K] float32 from the equation in the module docstring, in the model's column order."""
         n, k = self.sign1.shape
         blk = torch.arange(k, device=self.sign1.device) // self.blocksize   # [K]
         kind = self.salient.long()                                      # [K]
@@ -113,4 +127,5 @@ class LinearResult:
         c2 = torch.where(g.bool(), cs[1, 1], cs[0, 1])
         s1 = self.sign1.float() * 2 - 1
         s2 = self.sign2.float() * 2 - 1
-        return mu + a1 * c1 * s1 + kind.float() * a2 * c2 * s2
+        w = mu + a1 * c1 * s1 + kind.float() * a2 * c2 * s2
+        return in_model_order(w, None if self.order is None else order_columns(self.order, RUN, k))

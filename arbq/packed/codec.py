@@ -10,6 +10,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.methods.result import LinearResult
 from arbq.packed.format import FP8_MAX, LinearSpec, Scheme, pack_bits, scale_dtype_of, unpack_bits
+from arbq.packed.order import ORDER, check_order, stored_order
 
 
 @dataclass
@@ -65,6 +66,8 @@ def validate_packed(p: PackedLinear, name: str = "linear") -> None:
     bitmap marks exactly n_salient columns (the kernels index compacted planes by it). Scales may have
     been cast to another float dtype (transformers does that); kernels read whatever they hold."""
     check_shapes(p, name)
+    if (order := stored_order(p)) is not None:
+        check_order(order, p.spec.in_features, p.spec.run_length, name)
     if p.spec.scheme.salient:
         n_sal = int(unpack_bits(p["salient"], p.spec.in_features).sum())
         if n_sal != p.spec.n_salient:
@@ -76,8 +79,10 @@ def pack_linear(res: LinearResult, scheme: Scheme, scale_dtype: str = "fp16") ->
     n, k = res.shape
     sal = res.salient.bool() if scheme.salient else torch.zeros(k, dtype=torch.bool)
     s = int(sal.sum())
-    spec = LinearSpec(n, k, s, res.blocksize, scheme, scale_dtype)
+    spec = LinearSpec(n, k, s, res.blocksize, scheme, scale_dtype, res.order is not None)
     out = {"sign1": pack_bits(res.sign1.bool())}
+    if res.order is not None:
+        out[ORDER] = res.order.to(torch.int16)
     if scheme.group:
         g = res.group.bool() if scheme.cgb else res.group.bool() & ~sal
         out["group"] = pack_bits(g)

@@ -20,6 +20,9 @@ the module's name, e.g. `model.layers.0.self_attn.q_proj.sign1`:
     colscale_sal sd    [C1, S]          RC column scales of salient columns, slots Scheme.cs_sal_slots
     *_scale      fp32  [1]              per-tensor factor of an fp8 tensor (stored = value / factor)
     bias         dtype [N]              unbinarized bias, when the linear has one
+    run_order    int16 [⌊K/8⌋]          only with params run_order: true (the recipe key run_order): the model's
+                                        run of 8 columns held by every stored run; every tensor above then
+                                        holds the columns in that order (arbq.packed.order), kernels read x[..., π]
 
 `sd` is the scale dtype (fp16 | bf16 | fp8 e4m3 | fp32). Slots a method never uses are not stored;
 unpacking fills them with 0 (mu, unused alpha) or 1 (column scales of non-RC methods).
@@ -34,6 +37,7 @@ import torch
 
 from arbq import dtypes
 from arbq.errors import ArbqError
+from arbq.packed.order import ORDER, RUN, order_bits, order_shape
 
 FORMAT_VERSION = 2     # 2: quantization_config holds one {layout, method, params} entry per module
 QUANT_METHOD = "arbq"
@@ -47,7 +51,7 @@ COMPONENTS: dict[str, str] = {
     "sign1": "sign", "sign2": "second_sign", "group": "group_bit", "salient": "salient_bitmap",
     "values": "row_values", "values_scale": "row_values",
     "colscale_ns": "col_scales", "colscale_ns_scale": "col_scales",
-    "colscale_sal": "col_scales", "colscale_sal_scale": "col_scales", "bias": "bias",
+    "colscale_sal": "col_scales", "colscale_sal_scale": "col_scales", "bias": "bias", ORDER: ORDER,
 }
 COMPONENT_ORDER = ("sign", "second_sign", "group_bit", "salient_bitmap", "row_values", "col_scales", "bias")
 
@@ -141,7 +145,8 @@ def param(params: dict, key: str, kind: type, where: str, ok: Any = None, why: s
 class LinearSpec:
     """Everything needed to interpret one linear's packed tensors in the "binary" layout: W is
     [out_features, in_features]. The layout protocol (arbq.packed.layouts): `layout`, `to_params`,
-    `from_params`, `tensor_shapes`, `formula_bits`, `paper_bits`, `component`, `describe`."""
+    `from_params`, `tensor_shapes`, `formula_bits`, `paper_bits`, `component`, `describe`. ordered: the columns
+    are stored in runs of 8 in another order (the run_order tensor, arbq.packed.order)."""
 
     layout: ClassVar[str] = "binary"
     out_features: int
@@ -150,16 +155,22 @@ class LinearSpec:
     blocksize: int
     scheme: Scheme
     scale_dtype: str = "fp16"
+    ordered: bool = False
 
     @property
     def n_blocks(self) -> int:
         return -(-self.in_features // self.blocksize)
 
+    @property
+    def run_length(self) -> int:
+        """The columns of a run of the run order (arbq.packed.order)."""
+        return RUN
+
     def to_params(self) -> dict[str, Any]:
         sc = self.scheme
         return {"out_features": self.out_features, "in_features": self.in_features, "n_salient": self.n_salient,
                 "blocksize": self.blocksize, "rc": sc.rc, "salient": sc.salient, "group": sc.group, "cgb": sc.cgb,
-                "scale_dtype": self.scale_dtype}
+                "scale_dtype": self.scale_dtype, **({ORDER: True} if self.ordered else {})}
 
     @classmethod
     def from_params(cls, params: dict, where: str = "binary module") -> LinearSpec:
@@ -170,7 +181,8 @@ class LinearSpec:
         b = param(params, "blocksize", int, where, pos)
         flags = {f: param(params, f, bool, where) for f in ("rc", "salient", "group", "cgb")}
         sd = param(params, "scale_dtype", str, where, lambda v: v in SCALE_DTYPES, f"one of {', '.join(SCALE_DTYPES)}")
-        return cls(n, k, s, b, Scheme(**flags), sd)
+        ordered = param(params, ORDER, bool, where) if ORDER in params else False
+        return cls(n, k, s, b, Scheme(**flags), sd, ordered)
 
     def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
         return formula_bits(self, bias_bits)
@@ -185,7 +197,7 @@ class LinearSpec:
     def describe(self) -> str:
         sc = self.scheme
         return (f"layout=binary, n_salient={self.n_salient}, blocksize={self.blocksize}, rc={sc.rc}, cgb={sc.cgb}, "
-                f"scale_dtype={self.scale_dtype}")
+                f"scale_dtype={self.scale_dtype}{', run order' if self.ordered else ''}")
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """suffix -> (shape, dtype) of every packed tensor this linear stores (bias excluded)."""
@@ -205,7 +217,7 @@ class LinearSpec:
             scaled += ["colscale_ns", "colscale_sal"]
         if self.scale_dtype == "fp8":
             out.update({f"{name}_scale": ((1,), torch.float32) for name in scaled})
-        return out
+        return {**out, **order_shape(self)}
 
 
 @dataclass(frozen=True)
@@ -244,6 +256,7 @@ def formula_bits(spec: LinearSpec, bias_bits: int = 0) -> dict[str, int]:
         salient_bitmap 8·⌈K/8⌉
         row_values     N·T·V·sb (+ 32 for the fp8 factor)
         col_scales     (C0·(K−S) + C1·S)·sb (+ 2·32 for fp8)   (RC)
+        run_order      16·⌊K/8⌋                         (only when the spec is ordered)
     """
     n, k, s, sc = spec.out_features, spec.in_features, spec.n_salient, spec.scheme
     sb = torch.finfo(scale_dtype_of(spec.scale_dtype)).bits
@@ -257,6 +270,7 @@ def formula_bits(spec: LinearSpec, bias_bits: int = 0) -> dict[str, int]:
         "row_values": n * spec.n_blocks * sc.n_values * sb + (32 if fp8 else 0),
         "col_scales": ((len(sc.cs_ns_slots) * (k - s) + len(sc.cs_sal_slots) * s) * sb + (64 if fp8 else 0))
         if sc.rc else 0,
+        **order_bits(spec),
         "bias": bias_bits,
     }
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from arbq.errors import ArbqError
-from arbq.packed import codec, lut, nm, nm_lut, uniform
+from arbq.packed import codec, lut, nm, nm_lut, order, uniform
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import LinearSpec, Scheme
 
@@ -93,22 +93,21 @@ def dequantize(p: PackedLinear, rows: int = ROWS_PER_TILE) -> torch.Tensor:
     n, k = p.spec.out_features, p.spec.in_features
     fn = layout_of(p.spec.layout).dequantize_rows
     w = torch.cat([fn(p, r, min(r + rows, n)) for r in range(0, n, rows)]) if n else torch.zeros(0, k)
-    return nm.in_model_order(w, input_columns(p))
+    return order.in_model_order(w, input_columns(p))
 
 
 def input_columns(p: PackedLinear) -> torch.Tensor | None:
-    """π, int64 [K], for a layout that stores its columns in another order than the model's (binary_nm and
-    binary_nm_lut with a run order, nm.order_columns): every kernel computes y = x[..., π] @ Ŵ_storedᵀ; None for
-    the others."""
-    order = nm.stored_order(p)
-    return None if order is None else nm.order_columns(order, p.spec.m, p.spec.in_features)
+    """π, int64 [K], for a layout that stores its columns in another order than the model's (a run order,
+    arbq.packed.order: binary with run_order, binary_nm and binary_nm_lut with nm_act_order): every kernel computes
+    y = x[..., π] @ Ŵ_storedᵀ; None for the others."""
+    return order.input_columns(p)
 
 
 def lookup_form(p: PackedLinear, name: str = "linear",
                 expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> PackedLinear:
     """p in the CPU lookup kernel's own layout where it has one (`arbq pack --interleave`): binary -> binary_lut
-    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column scales too; `expand`:
-    nm.binary_rows' plane expansion); else p."""
+    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column
+    scales too; `expand`: nm.binary_rows' plane expansion); else p."""
     if p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
         return lut.from_binary(p, name)
     if p.spec.layout == "binary_nm" and nm_lut.supports(p.spec):

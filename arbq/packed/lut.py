@@ -12,7 +12,7 @@ rows 16G..16G+15, N16 = ⌈N/16⌉; rows past N are stored as zeros and counted)
     salient      uint8 [⌈K/8⌉]         the salient-column bitmap, as binary
     sign2        int16 [N16, S]        bit r of (G, p): second sign of row 16G + r at salient column p
     values       sd    [N16, T, V, 16] the binary layout's values [N, T, V] with rows last
-    colscale_ns, colscale_sal, *_scale  as binary
+    colscale_ns, colscale_sal, *_scale, run_order  as binary (run_order: params run_order: true)
 
 The bits are the binary layout's, rearranged: honest bits are equal for N a multiple of 16 (row padding
 otherwise; every byte is counted). The torch backend reads it by rebuilding binary rows (`binary_rows`).
@@ -29,10 +29,11 @@ from arbq.errors import ArbqError
 from arbq.packed import codec
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, scale_dtype_of, unpack_bits
+from arbq.packed.order import ORDER, RUN, order_bits
 
 LANES = 16                       # rows per row group (the kernel's vector lanes)
 CODE_COMPONENT = "sign_and_group"
-SHARED = ("salient", "colscale_ns", "colscale_sal", "colscale_ns_scale", "colscale_sal_scale", "values_scale")
+SHARED = ("salient", "colscale_ns", "colscale_sal", "colscale_ns_scale", "colscale_sal_scale", "values_scale", ORDER)
 
 
 def supports(scheme: Scheme, blocksize: int) -> bool:
@@ -46,13 +47,23 @@ class LutSpec(BinaryBased):
     arbq.packed.layouts): the binary LinearSpec's fields, the tensors interleaved by 16 rows."""
 
     layout: ClassVar[str] = "binary_lut"
+    ordered: bool = False
 
     @classmethod
     def of(cls, binary: LinearSpec, where: str = "binary_lut module") -> LutSpec:
         if not supports(binary.scheme, binary.blocksize):
             raise ArbqError(f"{where}: layout binary_lut needs a scheme with group bits and salient columns and a "
                             f"block size that is a multiple of 4 (got {binary.describe()})")
-        return cls(*cls.fields_of(binary))
+        return cls(*cls.fields_of(binary), getattr(binary, "ordered", False))
+
+    @property
+    def binary(self) -> LinearSpec:
+        """The spec of the same linear in the binary layout (with its run order, if stored)."""
+        return LinearSpec(*self.fields_of(self), self.ordered)
+
+    @property
+    def run_length(self) -> int:
+        return RUN
 
     @property
     def row_groups(self) -> int:
@@ -86,7 +97,7 @@ class LutSpec(BinaryBased):
                 "salient_bitmap": b["salient_bitmap"],
                 "row_values": rows * self.n_blocks * self.scheme.n_values * sb
                 + (32 if self.scale_dtype == "fp8" else 0),
-                "col_scales": b["col_scales"], "bias": b["bias"]}
+                "col_scales": b["col_scales"], **order_bits(self), "bias": b["bias"]}
 
     def paper_bits(self) -> int:
         return self.binary.paper_bits()

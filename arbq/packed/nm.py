@@ -52,10 +52,10 @@ from arbq.methods.result import LinearResult
 from arbq.packed import codec
 from arbq.packed.codec import PackedLinear, check_shapes
 from arbq.packed.format import COMPONENTS, BinaryBased, LinearSpec, Scheme, pack_bits, param, unpack_bits
+from arbq.packed.order import ORDER, check_order, in_model_order, order_bits, order_columns, order_shape
 
 M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
-ORDER = "run_order"        # the run order's suffix (params run_order: true)
 COMPACT = ("sign1", "group")   # planes stored compacted (kept positions only)
 NM_COMPONENTS = {KEEP: "nm_positions", ORDER: "run_order"}   # honest-bits components of the N:M-only tensors
 ROWS = 1024                # rows per tile when checking a whole plane
@@ -89,31 +89,6 @@ def expand_plane(compact: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     dense = torch.zeros_like(keep)
     dense[keep] = unpack_bits(compact, int(keep.sum()) // rows if rows else 0).reshape(-1)
     return dense
-
-
-def order_columns(order: torch.Tensor, m: int, k: int) -> torch.Tensor:
-    """π, int64 [K]: the model's column of every stored column for a run order [⌊K/m⌋] (stored run r = the
-    model's run order[r]; a last partial run of K mod m columns stays last)."""
-    runs = order.long()[:, None] * m + torch.arange(m, device=order.device)[None, :]
-    return torch.cat([runs.reshape(-1), torch.arange(k - k % m, k, device=order.device)])
-
-
-def check_order(order: torch.Tensor, k: int, m: int, name: str) -> None:
-    """Raise ArbqError unless order is an integer tensor [⌊K/m⌋] holding every run index once."""
-    runs = k // m
-    if order.dtype.is_floating_point or order.dtype == torch.bool or tuple(order.shape) != (runs,) or \
-            not torch.equal(torch.sort(order.long()).values, torch.arange(runs, device=order.device)):
-        raise ArbqError(f"{name}: {ORDER} is not a permutation of the {runs} runs of {m} columns "
-                        f"(got {order.dtype} {tuple(order.shape)})")
-
-
-def in_model_order(w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-    """w [R, K] with its columns in stored order -> the model's order, out[:, π] = w (w itself when π is None)."""
-    if cols is None:
-        return w
-    out = torch.empty_like(w)
-    out[:, cols.to(w.device)] = w
-    return out
 
 
 def _check_nm(n: Any, m: Any, name: str) -> None:
@@ -161,7 +136,8 @@ class NMResult:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str) -> NMResult:
-        base = LinearResult.from_tensors(tensors, prefix)
+        order = tensors.get(f"{prefix}.{ORDER}")           # the N:M result's run order (of m), not the base's
+        base = LinearResult.from_tensors({k: v for k, v in tensors.items() if k != f"{prefix}.{ORDER}"}, prefix)
         try:
             nm, keep = tensors[f"{prefix}.nm"], tensors[f"{prefix}.{KEEP}"]
             if nm.numel() != 2 or nm.dtype.is_floating_point or nm.dtype == torch.bool:
@@ -169,7 +145,7 @@ class NMResult:
             n, m = (int(v) for v in nm.reshape(-1).tolist())
         except (KeyError, ValueError) as e:
             raise ArbqError(f"N:M result for {prefix} is missing or has a malformed tensor {e}") from None
-        res = cls(base, keep, n, m, tensors.get(f"{prefix}.{ORDER}"))
+        res = cls(base, keep, n, m, order)
         res.validate(prefix)
         return res
 
@@ -221,6 +197,11 @@ class NMSpec(BinaryBased):
         return cls(*cls.fields_of(binary), n, m, ordered)
 
     @property
+    def run_length(self) -> int:
+        """m: the columns of a run, the unit of the run order (arbq.packed.order)."""
+        return self.m
+
+    @property
     def kept(self) -> int:
         """L: weights kept per row (kept_per_row); the compacted planes are [N, ceil(L/8)]."""
         return kept_per_row(self.in_features, self.n, self.m)
@@ -269,22 +250,6 @@ class NMSpec(BinaryBased):
     def describe(self) -> str:
         return f"layout=binary_nm, n:m={self.n}:{self.m}{', run order' if self.ordered else ''}, " + \
             self.binary.describe().removeprefix("layout=binary, ")
-
-
-def order_shape(spec: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{run_order: int16 [⌊K/m⌋]} for an ordered N:M spec, else {}."""
-    return {ORDER: ((spec.in_features // spec.m,), torch.int16)} if spec.ordered else {}
-
-
-def order_bits(spec: Any) -> dict[str, int]:
-    """{run_order: 16·⌊K/m⌋ bits} for an ordered N:M spec, else {}."""
-    return {ORDER: 16 * (spec.in_features // spec.m)} if spec.ordered else {}
-
-
-def stored_order(p: PackedLinear) -> torch.Tensor | None:
-    """The run order of a packed binary_nm / binary_nm_lut linear, None when it stores none (or p is another
-    layout)."""
-    return p[ORDER] if getattr(p.spec, "ordered", False) else None
 
 
 ROW_TENSORS = ("sign2", "values")   # binary-layout tensors indexed by row (besides the compacted planes)

@@ -31,7 +31,8 @@ from arbq.packed import lut, nm
 from arbq.packed.codec import PackedLinear
 from arbq.packed.format import BinaryBased, pack_bits, unpack_bits
 from arbq.packed.lut import LANES
-from arbq.packed.nm import KEEP, ORDER
+from arbq.packed.nm import KEEP
+from arbq.packed.order import ORDER, check_order, order_bits, order_shape
 
 VALIDATE_ROWS = 64      # rows per check at load: small temporaries, which the allocator reuses instead of keeping
                         # (1024-row tiles left ~100 MB resident after loading a 4096-class model)
@@ -61,6 +62,10 @@ class NMLutSpec(BinaryBased):
         return cls(*cls.fields_of(spec), spec.n, spec.m, spec.ordered)
 
     @property
+    def run_length(self) -> int:
+        return self.m
+
+    @property
     def nm(self) -> nm.NMSpec:
         return nm.NMSpec.of(self.binary, self.n, self.m, self.ordered)
 
@@ -82,14 +87,14 @@ class NMLutSpec(BinaryBased):
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """binary_lut's tensors plus keep uint8 [N16, ⌈K/8⌉, 16] (and binary_nm's run_order when ordered)."""
         return {**self.lut.tensor_shapes(), KEEP: ((self.row_groups, -(-self.in_features // 8), LANES), torch.uint8),
-                **nm.order_shape(self)}
+                **order_shape(self)}
 
     def formula_bits(self, bias_bits: int = 0) -> dict[str, int]:
         """binary_lut's components plus nm_positions 8·16·N16·⌈K/8⌉ (and run_order 16·⌊K/m⌋ when ordered)."""
         out = self.lut.formula_bits(bias_bits)
         bias = out.pop("bias")
         return {**out, "nm_positions": 8 * LANES * self.row_groups * -(-self.in_features // 8),
-                **nm.order_bits(self), "bias": bias}
+                **order_bits(self), "bias": bias}
 
     def paper_bits(self) -> int:
         return self.nm.paper_bits()
@@ -127,7 +132,7 @@ def from_nm(p: PackedLinear, where: str = "linear",
     `expand`, then interleaved as binary_lut; the keep plane interleaved by keep_bytes)."""
     spec = NMLutSpec.of(p.spec, where)
     q = lut.from_binary(nm.binary_rows(p, 0, spec.out_features, expand), where)
-    order = {name: p[name] for name in nm.order_shape(p.spec)}
+    order = {name: p[name] for name in order_shape(p.spec)}
     return PackedLinear(spec, {**q.tensors, KEEP: keep_bytes(p[KEEP], spec.row_groups), **order})
 
 
@@ -138,7 +143,7 @@ def to_nm(p: PackedLinear) -> PackedLinear:
     k = p.spec.in_features
     planes = {name: nm.compact_plane(unpack_bits(b[name], k), keep).contiguous() for name in nm.COMPACT
               if name in b.tensors}
-    order = {name: p[name] for name in nm.order_shape(p.spec)}
+    order = {name: p[name] for name in order_shape(p.spec)}
     return PackedLinear(p.spec.nm, {**b.tensors, **planes, KEEP: pack_bits(keep).contiguous(), **order})
 
 
@@ -161,7 +166,7 @@ def validate(p: PackedLinear, name: str = "linear") -> None:
     lut.validate(p, name)
     spec = p.spec
     if spec.ordered:
-        nm.check_order(p[ORDER], spec.in_features, spec.m, name)
+        check_order(p[ORDER], spec.in_features, spec.m, name)
     for r0 in range(0, spec.out_features, VALIDATE_ROWS):
         r1 = min(r0 + VALIDATE_ROWS, spec.out_features)
         keep = keep_rows(p, r0, r1)
