@@ -113,3 +113,39 @@ def check_bf16_prefill(p, seed: int = 0) -> None:
     y = cpu.matmul(p, x, {})
     assert y.dtype == torch.bfloat16 and y.shape == want.shape
     assert float((y.float() - want).abs().max() / want.abs().max()) < 8e-3
+
+
+def runs_put_back(stored: torch.Tensor, runs: list[int], m: int) -> torch.Tensor:
+    """The obvious loop for a run order: stored run r of m columns is the model's run runs[r]; a last partial run
+    stays last. stored [N, K] -> Ŵ in the model's column order."""
+    want = torch.zeros_like(stored)
+    for r, run in enumerate(runs):
+        want[:, run * m:(run + 1) * m] = stored[:, r * m:(r + 1) * m]
+    want[:, len(runs) * m:] = stored[:, len(runs) * m:]
+    return want
+
+
+def check_ordered_packing(p, want: torch.Tensor, layout: str, atol: float) -> None:
+    """A packed linear p with a run order (layout `layout`) and its lookup form: params round trip, measured bits =
+    formula with run_order = 16 bits per run, Ŵ = want (the model's order), the run order kept by the lookup form
+    and back, and every backend computes x @ wantᵀ from the model's x at batch 1 and 3."""
+    from arbq import kernels
+    from arbq.packed import layouts
+    from arbq.packed.binary_linear import BinaryLinear
+    from arbq.packed.format import measured_bits
+
+    k = p.spec.in_features
+    assert p.spec.ordered and p.spec.to_params()["run_order"] is True
+    assert layouts.layout_of(layout).spec_type.from_params(p.spec.to_params()) == p.spec
+    assert measured_bits(p.tensors, p.spec)["run_order"] == 16 * (k // p.spec.run_length)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    for q in (p, layouts.lookup_form(p)):
+        layouts.validate(q, "layer")
+        assert q.spec.ordered and measured_bits(q.tensors, q.spec) == q.spec.formula_bits()
+        assert torch.equal(layouts.dequantize(q), want)
+        assert torch.equal(layouts.from_lookup_form(q, layout).tensors["run_order"], p["run_order"])
+        for backend in kernels.backends_for(q.spec.layout):
+            lin = BinaryLinear.from_packed(q, backend=backend)
+            for xs in (x[:1], x):
+                torch.testing.assert_close(lin(xs), xs @ want.T, atol=atol, rtol=1e-3)
+            torch.testing.assert_close(lin.dequantize(), want)

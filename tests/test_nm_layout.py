@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import save_tiny
-from packing_utils import random_result
+from packing_utils import check_ordered_packing, random_result, runs_put_back
 
 import arbq
 from arbq import kernels
@@ -369,28 +369,10 @@ def test_run_order_is_stored_and_every_path_reads_the_model_order(k, m, n):
     obvious loop), packs and reads back exactly (binary_nm and its lookup form), costs 16 bits per run of m in
     its own honest-bits component, and every backend computes x @ Ŵᵀ with the model's x."""
     res = _ordered(24, k, n, m, seed=k)
-    stored = torch.where(res.keep, res.base.dequantize(), torch.zeros(()))
-    want = torch.zeros_like(stored)
-    runs = res.order.tolist()
-    for r, run in enumerate(runs):                     # stored run r is the model's run `run`
-        want[:, run * m:(run + 1) * m] = stored[:, r * m:(r + 1) * m]
-    want[:, len(runs) * m:] = stored[:, len(runs) * m:]   # a partial last run stays last
+    want = runs_put_back(torch.where(res.keep, res.base.dequantize(), torch.zeros(())), res.order.tolist(), m)
     assert torch.equal(res.dequantize(), want)
     p = nm.pack(res, params_for("rc", True, n, m), "fp32", "layer")
-    assert p.spec.ordered and p.spec.to_params()["run_order"] is True
-    assert layouts.layout_of("binary_nm").spec_type.from_params(p.spec.to_params()) == p.spec
-    bits = measured_bits(p.tensors, p.spec)
-    assert bits == p.spec.formula_bits() and bits["run_order"] == 16 * (k // m)
-    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
-    for q in (p, layouts.lookup_form(p)):
-        layouts.validate(q, "layer")
-        assert torch.equal(layouts.dequantize(q), want)
-        assert torch.equal(layouts.from_lookup_form(q, "binary_nm").tensors["run_order"], p["run_order"])
-        for backend in kernels.backends_for(q.spec.layout):
-            lin = BinaryLinear.from_packed(q, backend=backend)
-            for xs in (x[:1], x):
-                torch.testing.assert_close(lin(xs), xs @ want.T, atol=1e-4, rtol=1e-3)
-            torch.testing.assert_close(lin.dequantize(), want)
+    check_ordered_packing(p, want, "binary_nm", atol=1e-4)
 
 
 @pytest.mark.parametrize("bad", ["repeated", "short", "float"])

@@ -10,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from packing_utils import fit_one_thread, random_result
+from packing_utils import check_ordered_packing, fit_one_thread, random_result, runs_put_back
 
 import arbq
-from arbq import kernels
 from arbq.errors import ArbqError
 from arbq.methods.registry import get_method
 from arbq.methods.result import LinearResult
 from arbq.packed import layouts
-from arbq.packed.binary_linear import BinaryLinear
 from arbq.packed.codec import PackedLinear
-from arbq.packed.format import measured_bits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from make_golden import synthetic_problem  # noqa: E402
@@ -100,31 +97,10 @@ def test_run_order_is_stored_and_every_path_reads_the_model_order(k, method):
     reads back exactly (binary and its lookup form binary_lut), costs 16 bits per run of 8 in its own honest-bits
     component, and every backend computes x @ Ŵᵀ with the model's x."""
     res = _ordered(24, k, method, seed=k)
-    stored = LinearResult(**{**res.__dict__, "order": None}).dequantize()
-    want = torch.zeros_like(stored)
-    runs = res.order.tolist()
-    for r, run in enumerate(runs):                     # stored run r is the model's run `run`
-        want[:, run * RUN:(run + 1) * RUN] = stored[:, r * RUN:(r + 1) * RUN]
-    want[:, len(runs) * RUN:] = stored[:, len(runs) * RUN:]   # a partial last run stays last
+    want = runs_put_back(LinearResult(**{**res.__dict__, "order": None}).dequantize(), res.order.tolist(), RUN)
     assert torch.equal(res.dequantize(), want)
-    rec = get_method(method)
-    params = rec.layout_params(_cfg(method))
-    p = layouts.layout_of("binary").pack(res, params, "fp32", "layer")
-    assert p.spec.ordered and p.spec.to_params()["run_order"] is True
-    assert layouts.layout_of("binary").spec_type.from_params(p.spec.to_params()) == p.spec
-    bits = measured_bits(p.tensors, p.spec)
-    assert bits == p.spec.formula_bits() and bits["run_order"] == 16 * (k // RUN)
-    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
-    for q in (p, layouts.lookup_form(p)):
-        layouts.validate(q, "layer")
-        assert q.spec.ordered and measured_bits(q.tensors, q.spec) == q.spec.formula_bits()
-        assert torch.equal(layouts.dequantize(q), want)
-        assert torch.equal(layouts.from_lookup_form(q, "binary").tensors["run_order"], p["run_order"])
-        for backend in kernels.backends_for(q.spec.layout):
-            lin = BinaryLinear.from_packed(q, backend=backend)
-            for xs in (x[:1], x):
-                torch.testing.assert_close(lin(xs), xs @ want.T, atol=1e-3, rtol=1e-3)
-            torch.testing.assert_close(lin.dequantize(), want)
+    p = layouts.layout_of("binary").pack(res, get_method(method).layout_params(_cfg(method)), "fp32", "layer")
+    check_ordered_packing(p, want, "binary", atol=1e-3)
     assert layouts.lookup_form(p).spec.layout == "binary_lut"
 
 
