@@ -184,9 +184,20 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+# signals received: a C extension that the handler's exception interrupts may replace it with its own error
+# (safetensors' get_tensor turns it into a ValueError), so main() asks this list, not only the exception's type
+SIGNALLED: list[int] = []
+
+
 def _on_signal(signum: int, frame) -> None:
     signal.signal(signum, signal.SIG_IGN)    # a second signal must not interrupt the cleanup
+    SIGNALLED.append(signum)
     raise Interrupted(signum)
+
+
+def _exit_interrupted(signum: int) -> None:
+    print(f"interrupted by {signal.Signals(signum).name} (rerun with --resume to continue)", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST,
@@ -208,18 +219,19 @@ def main() -> None:
     # arbq draws its own rich progress; silence transformers' bars and advisory warnings
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    SIGNALLED.clear()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     try:
         app()
-    except ArbqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name} (rerun with --resume to continue)", file=sys.stderr)
-        sys.exit(128 + signum)
+        _exit_interrupted(getattr(e, "signum", signal.SIGINT))
     except Exception as e:
+        if SIGNALLED:                        # the signal's exception came back as another error
+            _exit_interrupted(SIGNALLED[0])
+        if isinstance(e, ArbqError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         msg = _io_error(e)
         if msg is None:
             raise

@@ -365,6 +365,34 @@ def test_killed_mid_layer_then_resume_is_bit_identical(tmp_path, deep, run_cli, 
     assert _layer_files(out) == want
 
 
+@pytest.mark.parametrize("wrapped", [ValueError("could not determine the shape of object type 'UntypedStorage'"),
+                                     "corrupt"])
+def test_a_signal_whose_exception_a_c_extension_replaced_still_exits_as_interrupted(monkeypatch, capsys, wrapped):
+    """SIGTERM inside safetensors' get_tensor comes back as a ValueError (or, through read_tensors, as a "corrupt
+    file" ArbqError): main() still exits 128 + 15 with the one-line interrupted message, no traceback."""
+    from arbq import cli
+    from arbq.errors import ArbqError
+
+    def app():
+        try:
+            cli._on_signal(signal.SIGTERM, None)
+        except cli.Interrupted:
+            raise (ArbqError("corrupt or truncated safetensors file m.safetensors") if wrapped == "corrupt"
+                   else wrapped) from None
+
+    monkeypatch.setattr(cli, "app", app)
+    monkeypatch.setattr(cli, "SIGNALLED", [])
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "interrupted by SIGTERM (rerun with --resume to continue)"
+
+
 def test_stale_scratch_is_removed_by_the_next_run(tmp_path):
     from arbq.fileio import output_lock
 
