@@ -106,7 +106,7 @@ def input_columns(p: PackedLinear) -> torch.Tensor | None:
 def lookup_form(p: PackedLinear, name: str = "linear",
                 expand: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> PackedLinear:
     """p in the CPU lookup kernel's own layout where it has one (`arbq pack --interleave`): binary -> binary_lut
-    (grouped schemes with salient columns), binary_nm -> binary_nm_lut (those with column
+    (grouped schemes with salient columns; a run order comes along), binary_nm -> binary_nm_lut (those with column
     scales too; `expand`: nm.binary_rows' plane expansion); else p."""
     if p.spec.layout == "binary" and lut.supports(p.spec.scheme, p.spec.blocksize):
         return lut.from_binary(p, name)
