@@ -123,6 +123,14 @@ def run_order(hdiag: torch.Tensor, m: int) -> torch.Tensor:
     return torch.argsort(runs, descending=True, stable=True)
 
 
+def in_run_order(W: torch.Tensor, H: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The problem the loop solves with act order by runs of m: (W[:, π], H[π, π], run order) with
+    π = order_columns(run_order(diag H, m)). W: [N, K], H: [K, K]."""
+    order = run_order(torch.diag(H), m)
+    cols = order_columns(order, m, W.shape[1])
+    return W[:, cols], H[cols][:, cols], order
+
+
 def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig, name: str = "linear",
                     strategy: BinaryMethod | None = None) -> tuple[LinearResult, dict]:
     """Binarize W: [N, K] with the binary strategy of `cfg.method` (or `strategy`); H: [K, K] (None only
@@ -147,9 +155,7 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         W, H = prepare_problem(W0, H, name, cfg.method)
         H_model = H
         if cfg.run_order:
-            order = run_order(torch.diag(H), RUN)
-            cols = order_columns(order, RUN, K)
-            W, H = W[:, cols], H[cols][:, cols]
+            W, H, order = in_run_order(W, H, RUN)
         U, lam = inverse_cholesky(H, cfg.percdamp)
     elif not torch.isfinite(W0).all():
         raise ArbqError(f"{name}: weight contains NaN/Inf")

@@ -46,10 +46,17 @@ from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
 from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, round_scales
 from arbq.methods.config import BinarizeConfig
-from arbq.methods.gptq import _assemble, block_errors, error_row, inverse_cholesky, prepare_problem, run_order, stored
+from arbq.methods.gptq import (
+    _assemble,
+    block_errors,
+    error_row,
+    in_run_order,
+    inverse_cholesky,
+    prepare_problem,
+    stored,
+)
 from arbq.methods.record import MethodRecord
 from arbq.packed.nm import NMResult
-from arbq.packed.order import order_columns
 
 Tensor = torch.Tensor
 
@@ -206,10 +213,9 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
     method = _strategy(cfg)
     W, H = prepare_problem(W0, H, name, cfg.method)
     H_model = H                                          # the report's error is measured in the model's order
-    order = run_order(torch.diag(H), m) if cfg.nm_act_order else None
-    if order is not None:
-        cols = order_columns(order, m, W.shape[1])
-        W, H = W[:, cols], H[cols][:, cols]
+    order = None
+    if cfg.nm_act_order:
+        W, H, order = in_run_order(W, H, m)
     U, lam = inverse_cholesky(H, cfg.percdamp)
     N, K = W.shape
     d_all, hdiag = torch.diag(U), torch.diag(H)

@@ -54,7 +54,7 @@ class LutSpec(BinaryBased):
         if not supports(binary.scheme, binary.blocksize):
             raise ArbqError(f"{where}: layout binary_lut needs a scheme with group bits and salient columns and a "
                             f"block size that is a multiple of 4 (got {binary.describe()})")
-        return cls(*cls.fields_of(binary), getattr(binary, "ordered", False))
+        return cls(*cls.fields_of(binary), binary.ordered)
 
     @property
     def binary(self) -> LinearSpec:

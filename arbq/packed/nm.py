@@ -57,7 +57,7 @@ from arbq.packed.order import ORDER, check_order, in_model_order, order_bits, or
 M_MAX = 16
 KEEP = "keep"              # the occupancy plane's suffix
 COMPACT = ("sign1", "group")   # planes stored compacted (kept positions only)
-NM_COMPONENTS = {KEEP: "nm_positions", ORDER: "run_order"}   # honest-bits components of the N:M-only tensors
+NM_COMPONENTS = {KEEP: "nm_positions"}   # honest-bits components of the N:M-only tensors (run_order: COMPONENTS)
 ROWS = 1024                # rows per tile when checking a whole plane
 
 

@@ -48,7 +48,7 @@ def in_model_order(w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
 
 def order_shape(spec: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{run_order: int16 [⌊K/m⌋]} for a spec that stores a run order (`ordered`, runs of `run_length`), else {}."""
-    if not getattr(spec, "ordered", False):
+    if not spec.ordered:
         return {}
     return {ORDER: ((spec.in_features // spec.run_length,), torch.int16)}
 
