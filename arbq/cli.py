@@ -69,6 +69,8 @@ def binarize(
     blocksize: int = typer.Option(None, help="Columns per block."),
     compensation: str = typer.Option(None, help="Binary methods' block error compensation: exact (default) | "
                                                 "diagonal (the reference code's)."),
+    polish: int = typer.Option(None, help="Binary methods with a Hessian, pbs2p, stbllm: rounds of GPTQ-style codes "
+                                          "and least-squares scales per block against its exact loss (0 = off)."),
     bits: int = typer.Option(None, help="gptq: bits per code (2 | 3 | 4 | 8)."),
     group: int = typer.Option(None, help="gptq: columns per scale and zero point."),
     act_order: bool = typer.Option(None, "--act-order/--no-act-order",
@@ -107,7 +109,7 @@ def binarize(
         method=method, cgb=cgb, iters=iters, x_iters=x_iters, search_iters=search_iters, search_fit=search_fit,
         split_error=split_error, bits=bits, group=group, act_order=act_order, keep_columns=keep_columns,
         nm=nm, nm_metric=nm_metric, nm_cfs=nm_cfs, blocksize=blocksize, compensation=compensation,
-        percdamp=percdamp, salient=salient,
+        polish=polish, percdamp=percdamp, salient=salient,
         tune_epochs=tune_epochs, tune_lr=tune_lr, tune_target=tune_target,
         search_on=search_on, split_quantiles=split_quantiles, sequential=sequential, true_sequential=true_sequential)
     run_binarize(model, out, cfg, calib=calib, data=data, nsamples=nsamples, seqlen=seqlen, seed=seed,

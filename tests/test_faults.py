@@ -455,7 +455,8 @@ def test_kernel_library_not_matching_its_hash_is_not_loaded(fresh_build, capfd):
 
 
 @pytest.mark.parametrize("line, key", [("blocksize: abc", "blocksize"), ('cgb: "false"', "cgb"),
-                                       ("blocksize: 0", "blocksize"), ("percdamp: -1", "percdamp")])
+                                       ("blocksize: 0", "blocksize"), ("percdamp: -1", "percdamp"),
+                                       ("polish: -1", "polish"), ("polish: 1.5", "polish")])
 def test_bad_recipe_value(tmp_path, tiny, run_cli, line, key):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"method: rc\n{line}\n")

@@ -186,8 +186,8 @@ def test_stepwise_pruning_beats_prune_then_binarize(problem):
 
 
 # measured (1 thread, exact compensation); dense rc+cgb on the same layer: 0.0334565 (pbs2p 6:8 is below it, as
-# the paper claims); the shipped recipes: pbs2p 0.0178 / 0.0224 / 0.0311 (masks on the dense block: 0.0173 /
-# 0.0222 / 0.0322) vs stbllm 0.0328 / 0.0380 / 0.0523
+# the paper claims); the shipped recipes (polish 3, percdamp 0.1 since session 21): pbs2p 0.0147 / 0.0168 / 0.0246
+# vs stbllm 0.0236 / 0.0323 / 0.0473 (before: 0.0178 / 0.0224 / 0.0311 vs 0.0328 / 0.0380 / 0.0523)
 PINNED = {("pbs2p", "6:8"): 0.0246514, ("stbllm", "6:8"): 0.0397050, ("pbs2p", "5:8"): 0.0323262,
           ("stbllm", "5:8"): 0.0444628, ("pbs2p", "4:8"): 0.0431089, ("stbllm", "4:8"): 0.0639833}
 

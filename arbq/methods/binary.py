@@ -73,7 +73,7 @@ def _record(strategy: BinaryMethod) -> MethodRecord:
     return MethodRecord(name=strategy.name, summary=SUMMARIES[strategy.name], fit=fit, layout="binary",
                         layout_params=strategy.scheme_params, result_type=LinearResult,
                         uses_hessian=strategy.uses_hessian,
-                        keys=(*BINARY_KEYS, "run_order") if strategy.uses_hessian else BINARY_KEYS)
+                        keys=(*BINARY_KEYS, "run_order", "polish") if strategy.uses_hessian else BINARY_KEYS)
 
 
 # recipe keys these methods read (others are refused in a per-module override for them)

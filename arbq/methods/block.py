@@ -113,6 +113,11 @@ def round_scales(fit: BlockFit, scale_dtype: str) -> BlockFit:
     return BlockFit(res.dequantize(), fit.sign1, fit.sign2, fit.group, fit.salient, alpha, mu, col)
 
 
+def regroups(method: Method, cfg: BinarizeConfig) -> bool:
+    """Whether the method's group bits may be re-assigned after its fit (it has a magnitude split)."""
+    return method.search and cfg.group_split
+
+
 def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, method: Method,
               cfg: BinarizeConfig, keep: Tensor | None = None) -> BlockFit:
     """Fit every non-empty (kind, group) of the block with the method's binarizers (cfg.iters ARB
@@ -120,7 +125,7 @@ def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, metho
     the entries that survive pruning (None = all); pruned entries belong to no group (ŵ = 0 there).
     cfg.regroup > 0 (methods with a magnitude split): that many rounds of `regroup` + re-fit after."""
     fit = _fit_groups(W, salient, group, S, method, cfg, keep)
-    if not (cfg.regroup and method.search and cfg.group_split):
+    if not (cfg.regroup and regroups(method, cfg)):
         return fit
     for _ in range(cfg.regroup):
         new = regroup(W, fit, keep, cfg.cgb)

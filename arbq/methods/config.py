@@ -50,6 +50,11 @@ class BinarizeConfig:
                    columns in decreasing Σ_{j ∈ run} H_jj (GPTQ's act order, by whole runs: one byte of every bit
                    plane) instead of left to right; the layout stores the run order (16 bits per run, the
                    "run_order" component) and kernels read x[..., π]. false = left to right
+    polish:        binary methods with a Hessian and pbs2p / stbllm: rounds of polishing each fitted block against
+                   the loss it leaves, ‖(W_b − Ŵ)·U_b⁻¹‖² (arbq.methods.polish): its codes by GPTQ's column recursion
+                   with the scales fixed (pbs2p: with its N:M positions re-chosen run by run), then its row scales
+                   and means by least squares with the codes fixed; each step kept only if that loss went down.
+                   0 = off (the fit's own nearest codes and ARB scales, as the reference)
     percdamp:      Hessian damping λ, as a fraction of mean(diag H) (paper: 0.01)
     salient:       salience metric, "hessian" (W²/U_jj², default: measured better) or "magnitude"
     max_salient:   salient-column counts tried are 1 … max_salient (paper: up_lim − 1 = 49); 0 = no salient
@@ -126,6 +131,7 @@ class BinarizeConfig:
     blocksize: int = 128
     compensation: str = "exact"
     run_order: bool = False
+    polish: int = 0
     percdamp: float = 0.01
     salient: str = "hessian"
     max_salient: int = 49
@@ -193,7 +199,7 @@ class BinarizeConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ArbqError(f"recipe: unknown {key} {getattr(self, key)!r}; choose {' or '.join(allowed)}")
-        for key in ("iters", "x_iters", "search_iters", "regroup", "nm_reprune", "tune_epochs"):
+        for key in ("iters", "x_iters", "search_iters", "regroup", "nm_reprune", "tune_epochs", "polish"):
             if getattr(self, key) < 0:
                 raise ArbqError(f"recipe: {key} must be >= 0")
         if self.nm_substeps < 1:

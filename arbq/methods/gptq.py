@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from arbq.errors import ArbqError
-from arbq.methods.block import BlockFit, choose_masks, fit_block, round_scales
+from arbq.methods.block import BlockFit, choose_masks, fit_block, regroups, round_scales
 from arbq.methods.config import BinarizeConfig
+from arbq.methods.polish import movable_columns, polish
 from arbq.methods.result import LinearResult
 from arbq.packed.order import RUN, order_columns
 
@@ -169,6 +170,9 @@ def binarize_linear(W: torch.Tensor, H: torch.Tensor | None, cfg: BinarizeConfig
         S = H[s:e, s:e] if H is not None else None
         salient, group = choose_masks(Wb, d, S, method, cfg)
         fit = round_scales(fit_block(Wb, salient, group, S, method, cfg), cfg.scale_dtype)
+        if cfg.polish and U is not None:
+            fit = polish(Wb, fit, U[s:e, s:e], cfg.polish, movable_columns(salient, regroups(method, cfg), cfg.cgb),
+                         method.mean_form, cfg.scale_dtype)[0]
         blocks.append(fit)
         if U is not None:
             W[:, e:] -= block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) @ U[s:e, e:]

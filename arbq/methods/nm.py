@@ -23,6 +23,9 @@ error-compensated weights W_b with d = diag(U)_b (U: upper Cholesky factor of H�
    what that step pruned, and the errors it applied inside the block are added to Err for the later blocks:
    with W_b' = W_b − E·U_b the updated block, (W_b − Ŵ)·U_b⁻¹ = (W_b' − Ŵ)·U_b⁻¹ + E, so the sum is exact)
   (nm_stepwise false: all M − N entries of a run pruned at once by Δ⁰ — the one-shot ablation)
+  polish R (both methods, arbq.methods.polish): the block's codes by GPTQ's column recursion and its row scales by
+  least squares against the exact loss; pbs2p also re-chooses the N:M positions of each run of M when the
+  recursion reaches it, stbllm keeps its one-shot mask
 
 nm_act_order (both methods): the loop above runs on W[:, π], H[π, π] with π the columns of the runs of M taken in
 decreasing Σ_{j ∈ run} H_jj (a last partial run stays last), so what is pruned or binarized early is compensated by
@@ -44,7 +47,7 @@ import torch
 from arbq.errors import ArbqError
 from arbq.methods import cfs
 from arbq.methods.binary import BINARY_KEYS, STRATEGIES, BinaryMethod
-from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, round_scales
+from arbq.methods.block import BlockFit, choose_masks, fit_block, nearest_group, regroups, round_scales
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.gptq import (
     _assemble,
@@ -55,6 +58,7 @@ from arbq.methods.gptq import (
     prepare_problem,
     stored,
 )
+from arbq.methods.polish import RunPositions, movable_columns, polish
 from arbq.methods.record import MethodRecord
 from arbq.packed.nm import NMResult
 
@@ -253,6 +257,10 @@ def nm_binarize(W0: Tensor, H: Tensor | None, cfg: BinarizeConfig, name: str, st
             fit, keep = reprune(Wb, fit, keep, c, n, m, S, method, cfg)
         fit = round_scales(fit, cfg.scale_dtype)
         fit.w_hat = fit.w_hat * keep
+        if cfg.polish:
+            runs = None if fixed is not None else RunPositions(m, c[0], lambda gain: nm_mask(gain, n, m))
+            fit, keep = polish(Wb, fit, U[s:e, s:e], cfg.polish, movable_columns(fit.salient, regroups(method, cfg),
+                               cfg.cgb), method.mean_form, cfg.scale_dtype, keep, runs)
         blocks.append(fit)
         keeps.append(keep)
         err = block_errors(Wb - fit.w_hat, U[s:e, s:e], cfg.compensation) + owed
@@ -282,7 +290,7 @@ def _check(cfg: BinarizeConfig) -> None:
                         "must not cross a block)")
 
 
-NM_KEYS = (*BINARY_KEYS, "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
+NM_KEYS = (*BINARY_KEYS, "polish", "nm", "nm_metric", "nm_base", "nm_stepwise", "nm_compensate", "nm_reprune",
            "nm_substeps", "nm_masks", "nm_act_order")
 # the keys only pbs2p reads (its pruning steps, and where its masks are chosen), with their "off" values
 # (BinarizeConfig's defaults)
