@@ -122,14 +122,15 @@ def design(fit: BlockFit, keep: Tensor | None) -> Tensor:
     N, C = fit.sign1.shape
     kind = fit.salient.long()[None, :].expand(N, C)
     g = fit.group.long()
-    on = torch.ones(N, C) if keep is None else keep.float()
+    dev = fit.sign1.device
+    on = torch.ones(N, C, device=dev) if keep is None else keep.float()
     s1, s2 = fit.sign1.float() * 2 - 1, fit.sign2.float() * 2 - 1
     cs = fit.col_scale
     grp = fit.group.bool()
     c1 = torch.where(grp, cs[1, 0][None, :], cs[0, 0][None, :])
     c2 = torch.where(grp, cs[1, 1][None, :], cs[0, 1][None, :])
     base = (kind * 6 + g * 3)[..., None]
-    Phi = torch.zeros(N, C, 12)
+    Phi = torch.zeros(N, C, 12, device=dev)
     Phi.scatter_(2, base, on[..., None])
     Phi.scatter_(2, base + 1, (c1 * s1 * on)[..., None])
     Phi.scatter_(2, base + 2, (c2 * s2 * on * kind)[..., None])
@@ -145,7 +146,7 @@ def refit_scales(Wb: Tensor, fit: BlockFit, Ub: Tensor, mean_form: bool, keep: T
     if not mean_form:
         Phi[..., 0::3] = 0
     theta0 = torch.cat([fit.mu[..., None], fit.alpha], -1).reshape(N, 12).double()
-    Uinv = torch.linalg.solve_triangular(Ub.double(), torch.eye(C, dtype=torch.float64), upper=True)
+    Uinv = torch.linalg.solve_triangular(Ub.double(), torch.eye(C, dtype=torch.float64, device=Wb.device), upper=True)
     M = torch.einsum("ck,ncp->nkp", Uinv, Phi.double())                   # rows of Φ_i mapped by U_b⁻ᵀ
     y = Wb.double() @ Uinv
     G = M.transpose(1, 2) @ M
