@@ -13,7 +13,7 @@ import torch
 
 from arbq import dtypes
 from arbq.methods import masks as mk
-from arbq.methods.binarizers import Fit, _nearest_levels, sgn
+from arbq.methods.binarizers import Fit, _nearest_levels
 from arbq.methods.config import BinarizeConfig
 from arbq.methods.result import LinearResult
 
@@ -135,23 +135,30 @@ def fit_block(W: Tensor, salient: Tensor, group: Tensor, S: Tensor | None, metho
     return fit
 
 
+def group_levels(fit: BlockFit) -> tuple[Tensor, Tensor, Tensor]:
+    """(μ, a₁, a₂), each [2 groups, N, C]: entry (i, j) of group g takes the values μ + a₁s₁ + a₂s₂, s ∈ {±1}, with
+    a = α·c of its kind (a₂ = 0 outside the salient columns)."""
+    sal = fit.salient[None, :]
+    mu = torch.stack([torch.where(sal, fit.mu[:, 1, g, None], fit.mu[:, 0, g, None]) for g in (0, 1)])
+    a1 = torch.stack([torch.where(sal, fit.alpha[:, 1, g, 0, None], fit.alpha[:, 0, g, 0, None])
+                      * fit.col_scale[g, 0][None, :] for g in (0, 1)])
+    a2 = torch.stack([torch.where(sal, fit.alpha[:, 1, g, 1, None] * fit.col_scale[g, 1][None, :], 0.0)
+                      for g in (0, 1)])
+    return mu, a1, a2
+
+
+def nearest_level(w: Tensor, mu: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The nearest level of w [..] in either group ([2, ..] each): (q, s₁, s₂), the stored signs s = ±1."""
+    s1, s2 = _nearest_levels(w[None] - mu, a1, a2)
+    return mu + a1 * s1 + a2 * s2, s1, s2
+
+
 def group_candidates(W: Tensor, fit: BlockFit) -> Tensor:
     """ŵ of every weight of W [N, C] under either group's current parameters, [2, N, C]: with the levels
     l_k = |α_k c_k| of its kind (salient columns: order 2, else order 1) and the nearest signs,
 
         ŵ_g = μ_g + s·l_1 (+ s'·l_2),   s, s' ∈ {±1} minimising (w − ŵ_g)²   (binarizers._nearest_levels)."""
-    sal = fit.salient[None, :]
-    out = []
-    for g in (0, 1):
-        r0 = W - fit.mu[:, 0, g, None]
-        w0 = fit.mu[:, 0, g, None] + sgn(r0) * (fit.alpha[:, 0, g, 0, None] * fit.col_scale[g, 0][None, :]).abs()
-        r1 = W - fit.mu[:, 1, g, None]
-        l1 = (fit.alpha[:, 1, g, 0, None] * fit.col_scale[g, 0][None, :]).abs()
-        l2 = (fit.alpha[:, 1, g, 1, None] * fit.col_scale[g, 1][None, :]).abs()
-        b1, b2 = _nearest_levels(r1, l1, l2)
-        w1 = fit.mu[:, 1, g, None] + b1 * l1 + b2 * l2
-        out.append(torch.where(sal, w1, w0))
-    return torch.stack(out)
+    return nearest_level(W, *group_levels(fit))[0]
 
 
 def nearest_group(W: Tensor, fit: BlockFit, cgb: bool) -> tuple[Tensor, Tensor]:

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arbq.methods.binarizers import _nearest_levels
-from arbq.methods.block import BlockFit, round_scales
+from arbq.methods.block import BlockFit, group_levels, nearest_level, round_scales
 
 Tensor = torch.Tensor
 
@@ -54,24 +53,6 @@ def exact_loss(Wb: Tensor, Q: Tensor, Ub: Tensor) -> float:
     return float((E * E).sum())
 
 
-def _levels(fit: BlockFit) -> tuple[Tensor, Tensor, Tensor]:
-    """(μ, a₁, a₂), each [2 groups, N, C]: entry (i, j) of group g takes the values μ + a₁s₁ + a₂s₂, s ∈ {±1}, with
-    a = α·c of its kind (a₂ = 0 outside the salient columns)."""
-    sal = fit.salient[None, :]
-    mu = torch.stack([torch.where(sal, fit.mu[:, 1, g, None], fit.mu[:, 0, g, None]) for g in (0, 1)])
-    a1 = torch.stack([torch.where(sal, fit.alpha[:, 1, g, 0, None], fit.alpha[:, 0, g, 0, None])
-                      * fit.col_scale[g, 0][None, :] for g in (0, 1)])
-    a2 = torch.stack([torch.where(sal, fit.alpha[:, 1, g, 1, None] * fit.col_scale[g, 1][None, :], 0.0)
-                      for g in (0, 1)])
-    return mu, a1, a2
-
-
-def _nearest(w: Tensor, mu: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The nearest level of w [..] in either group ([2, ..] each): (q, s₁, s₂), the stored signs s = ±1."""
-    s1, s2 = _nearest_levels(w[None] - mu, a1, a2)
-    return mu + a1 * s1 + a2 * s2, s1, s2
-
-
 def movable_columns(salient: Tensor, method_regroups: bool, cgb: bool) -> Tensor:
     """[C] bool: the columns whose group bits a re-fit may move, as `block.regroup` does (methods with a magnitude
     split; salient columns only with CGB)."""
@@ -89,7 +70,7 @@ def sequential_codes(Wb: Tensor, fit: BlockFit, Ub: Tensor, movable: Tensor, kee
     (pruned entries keep theirs); keep: [N, C] bool or None (dense). → (fit with the new codes and ŵ, keep)."""
     W = Wb.clone()
     N, C = W.shape
-    mu, a1, a2 = _levels(fit)
+    mu, a1, a2 = group_levels(fit)
     Q = torch.zeros_like(W)
     sign1, sign2, group = fit.sign1.clone(), fit.sign2.clone(), fit.group.clone()
     keep = None if keep is None else keep.clone()
@@ -97,12 +78,12 @@ def sequential_codes(Wb: Tensor, fit: BlockFit, Ub: Tensor, movable: Tensor, kee
         if runs is not None and j % runs.m == 0 and j + runs.m <= C:
             r = slice(j, j + runs.m)
             w = W[:, r]
-            q = _nearest(w, mu[:, :, r], a1[:, :, r], a2[:, :, r])[0]
+            q = nearest_level(w, mu[:, :, r], a1[:, :, r], a2[:, :, r])[0]
             g = _pick(q, group[:, r], movable[r][None, :], w)
             best = torch.where(g, q[1], q[0])
             keep[:, r] = runs.choose((w * w - (w - best) ** 2) * runs.weight[None, r])
         w = W[:, j]
-        q, s1, s2 = _nearest(w, mu[:, :, j], a1[:, :, j], a2[:, :, j])
+        q, s1, s2 = nearest_level(w, mu[:, :, j], a1[:, :, j], a2[:, :, j])
         g = _pick(q, group[:, j], movable[j], w)
         if keep is not None:
             g = torch.where(keep[:, j], g, group[:, j])
