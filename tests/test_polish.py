@@ -201,7 +201,7 @@ def test_polish_pins_the_error_of_the_shipped_settings(problem):
         res, row, _ = fit_one_thread(*problem, blocksize=64, polish=3, **keys)
         assert row["output_err"] == pytest.approx(POLISHED[name], rel=0.03), name
         assert row["output_err"] < 0.87 * plain_row["output_err"], name
-        if name in ("pbs2p", "stbllm"):
+        if "nm" in keys:                        # the N:M cases keep N of every run of 8
             assert (res.keep.reshape(res.keep.shape[0], -1, 8).sum(-1) == 6).all()
             assert torch.equal(res.keep, plain.keep) == (name == "stbllm"), name
 
